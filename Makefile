@@ -1,0 +1,41 @@
+# Two commands matter: `make demo` (the main job) and `make test` (the test suite).
+# Both create the virtual environment in $(VENV) when it is missing and install what is needed.
+# Use an existing environment (and its torch) with `make test VENV=/path/to/venv`.
+
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.facerec-requirements
+DATA ?= ../shared/data
+DEMO_DIR ?= work_dirs/demo
+
+.PHONY: setup test test-fast lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# Keep a torch that is already there (CUDA builds, nightlies); otherwise take the pinned release.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+demo: setup
+	FACEREC_DATA=$(DATA) $(PY) scripts/demo.py --data $(DATA) --out $(DEMO_DIR)
+
+bench: setup
+	$(PY) scripts/bench_data.py
+
+clean:
+	rm -rf .pytest_cache .ruff_cache $(DEMO_DIR)

@@ -1,0 +1,2 @@
+"""Shared plumbing that is not a model: config, registries, preprocessing, (later) checkpoints and
+distributed helpers."""

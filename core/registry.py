@@ -1,0 +1,68 @@
+"""One small registry helper used by every family of buildable parts (backbones, heads, losses, ...).
+
+Parts register themselves with a decorator; configs name them by string::
+
+    BACKBONES = Registry("backbone")
+
+    @BACKBONES.register("r50")
+    def iresnet50(**kw): ...
+
+    BACKBONES.build("r50", embedding_size=512)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+
+class UnknownNameError(KeyError):
+    """Raised for a name that is not registered; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class Registry:
+    """A mapping from names to factories (classes or functions) of one kind of part."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._factories: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str | None = None, *aliases: str) -> Callable[[T], T]:
+        """Decorator registering a factory under ``name`` (default: its ``__name__``) and aliases."""
+
+        def decorator(factory: T) -> T:
+            for key in (name or factory.__name__, *aliases):
+                if key in self._factories and self._factories[key] is not factory:
+                    raise ValueError(f"{self.kind} {key!r} is already registered")
+                self._factories[key] = factory
+            return factory
+
+        return decorator
+
+    def get(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._factories[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._factories, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}{hint} valid names: {', '.join(self.names())}"
+            ) from None
+
+    def build(self, name: str, **kwargs: Any) -> Any:
+        return self.get(name)(**kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
+
+    def __len__(self) -> int:
+        return len(self._factories)

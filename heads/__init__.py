@@ -1,0 +1,1 @@
+"""Margin heads (CosFace, ArcFace variants, CurricularFace, MagFace, AdaFace, FRABSM, ...) and Partial FC."""

@@ -1,0 +1,1 @@
+"""Losses: cross-entropy variants, focal, FRABSM mining weight, triplet, closeness/diversity, ProbFace."""

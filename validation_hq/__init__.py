@@ -1,0 +1,1 @@
+"""Verification on the .bin sets (LFW, CFP, AgeDB, ...): 10-fold accuracy, VAL@FAR."""

@@ -1,0 +1,1 @@
+"""TinyFace rank-k identification."""
