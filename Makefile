@@ -32,10 +32,10 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 demo: setup
-	FACEREC_DATA=$(DATA) $(PY) scripts/demo.py --data $(DATA) --out $(DEMO_DIR)
+	FACEREC_DATA=$(DATA) $(PY) -m scripts.demo --data $(DATA) --out $(DEMO_DIR)
 
 bench: setup
-	$(PY) scripts/bench_data.py
+	$(PY) -m scripts.bench_data
 
 clean:
 	rm -rf .pytest_cache .ruff_cache $(DEMO_DIR)

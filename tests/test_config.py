@@ -36,9 +36,7 @@ def test_base_yaml_spells_out_every_schema_default():
             else:
                 yield f"{prefix}{k}"
 
-    schema_leaves = {
-        k for k in all_keys() if not any(o.startswith(k + ".") for o in all_keys())
-    }
+    schema_leaves = {k for k in all_keys() if not any(o.startswith(k + ".") for o in all_keys())}
     assert set(leaves(raw)) == schema_leaves
     assert load_config(CONFIGS / "base.yaml") == Config()
 
@@ -91,8 +89,14 @@ def test_missing_base_names_the_including_file(tmp_path):
 def test_dotted_overrides_parse_yaml_scalars():
     cfg = load_config(
         CONFIGS / "base.yaml",
-        ["optim.lr=0.05", "data.root=/x", "model.grad_checkpoint=true", "data.val_targets=[lfw, cplfw]",
-         "data.num_classes=10", "data.augment.crop=0.2"],
+        [
+            "optim.lr=0.05",
+            "data.root=/x",
+            "model.grad_checkpoint=true",
+            "data.val_targets=[lfw, cplfw]",
+            "data.num_classes=10",
+            "data.augment.crop=0.2",
+        ],
     )
     assert cfg.optim.lr == 0.05
     assert cfg.data.root == "/x"
@@ -109,7 +113,7 @@ def test_override_wins_over_file(tmp_path):
 
 @pytest.mark.parametrize("bad", ["optim.lr", "=3", "optim..lr=1"])
 def test_malformed_override(bad):
-    with pytest.raises(ConfigError, match="dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"dotted\.key=value"):
         parse_overrides([bad])
 
 
@@ -159,7 +163,12 @@ def test_int_is_accepted_for_float():
 def test_dump_and_load_round_trip(tmp_path):
     cfg = load_config(
         CONFIGS / "adaface_base.yaml",
-        ["optim.lr=0.0125", "data.num_classes=85742", "loss.class_weights=[0.5, 2]", "optim.weight_decay=1e-5"],
+        [
+            "optim.lr=0.0125",
+            "data.num_classes=85742",
+            "loss.class_weights=[0.5, 2]",
+            "optim.weight_decay=1e-5",
+        ],
     )
     out = tmp_path / "resolved" / "config.yaml"
     dump_config(cfg, out)

@@ -1,0 +1,1 @@
+"""Data readers, writers, datasets and augmentations."""
