@@ -101,14 +101,18 @@ class IResNet(nn.Module):
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
+        # arcface_torch's init: N(0, 0.1) convolutions, unit BN; the FC keeps PyTorch's default.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.1)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, IBasicBlock) and zero_init_residual:
-                nn.init.zeros_(m.bn3.weight)
+        if zero_init_residual:
+            # Zeroing the last BN of each residual branch makes every block start as its shortcut.
+            # (arcface_torch zeroes the middle BN, bn2, which does not have that effect.)
+            for block in self.blocks():
+                nn.init.zeros_(block.bn3.weight)
         # The embedding BN only centres and learns a shift: its scale stays 1 (as in arcface_torch), so the
         # embedding norm that AdaFace/MagFace-style heads read is not rescaled by a learned factor.
         nn.init.ones_(self.features.weight)
@@ -118,12 +122,15 @@ class IResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
+    def blocks(self) -> list[IBasicBlock]:
+        """Every residual block, input to output."""
+        return [block for stage in self.stages for block in stage]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with body_autocast(x, self.precision):
             x = self.prelu(self.bn1(self.conv1(x)))
-            for stage in self.stages:
-                for block in stage:
-                    x = run_block(block, x, self.grad_checkpoint)
+            for block in self.blocks():
+                x = run_block(block, x, self.grad_checkpoint)
             x = self.bn2(x)
             x = self.dropout(torch.flatten(x, 1))
         with fp32_head(x):

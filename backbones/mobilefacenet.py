@@ -65,12 +65,13 @@ class Residual(nn.Module):
 
 
 class GDC(nn.Module):
-    """Global depthwise convolution head: 7x7 depthwise linear conv - flatten - Linear (no bias) - BN1d."""
+    """Global depthwise convolution head: depthwise linear conv over the whole ``kernel`` x ``kernel`` map
+    (7x7 for 112x112 inputs) - flatten - Linear (no bias) - BN1d."""
 
-    def __init__(self, embedding_size: int, dropout: float) -> None:
+    def __init__(self, embedding_size: int, dropout: float, kernel: int = 7) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            ConvBN(512, 512, kernel=7, groups=512, act=False),
+            ConvBN(512, 512, kernel=kernel, groups=512, act=False),
             nn.Flatten(),
             nn.Linear(512, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
@@ -83,10 +84,11 @@ class GDC(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    """MobileFaceNet with width multiplier ``scale`` and residual block counts ``blocks``; input 112x112.
+    """MobileFaceNet with width multiplier ``scale`` and residual block counts ``blocks``.
 
     Args mirror :class:`backbones.iresnet.IResNet`: ``precision`` runs the body under autocast and the
-    ``conv_sep`` + GDC head in fp32; ``grad_checkpoint`` recomputes each stage in backward.
+    ``conv_sep`` + GDC head in fp32; ``grad_checkpoint`` recomputes each stage in backward;
+    ``input_size`` (a multiple of 16, 112 for the standard crops) sets the GDC kernel to ``input_size/16``.
     """
 
     def __init__(
@@ -97,12 +99,18 @@ class MobileFaceNet(nn.Module):
         dropout: float = 0.0,
         precision: str = "fp32",
         grad_checkpoint: bool = False,
+        input_size: int = 112,
     ) -> None:
         super().__init__()
         check_precision(precision)
+        if input_size % 16:
+            raise ValueError(f"input_size must be a multiple of 16 (four stride-2 stages), got {input_size}")
+        if len(blocks) != 4:
+            raise ValueError(f"blocks must hold four residual block counts, got {blocks!r}")
         self.precision = precision
         self.grad_checkpoint = grad_checkpoint
         self.embedding_size = embedding_size
+        self.input_size = input_size
         c1, c2 = 64 * scale, 128 * scale
         # The expansion widths (128/256/512) are fixed in the reference layout, independent of `scale`.
         first = (
@@ -123,7 +131,7 @@ class MobileFaceNet(nn.Module):
             ]
         )
         self.conv_sep = ConvBN(c2, 512)
-        self.features = GDC(embedding_size, dropout)
+        self.features = GDC(embedding_size, dropout, kernel=input_size // 16)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -146,11 +154,11 @@ class MobileFaceNet(nn.Module):
 
 @BACKBONES.register("mbf")
 def mobilefacenet(**kwargs: object) -> MobileFaceNet:
-    """MobileFaceNet, width 2, blocks (1, 4, 6, 2) (~0.45 GFLOPs, 2.0 M parameters)."""
+    """MobileFaceNet, width 2, blocks (1, 4, 6, 2) (~0.45 GFLOPs, 2.06 M parameters)."""
     return MobileFaceNet(blocks=(1, 4, 6, 2), scale=2, **kwargs)  # type: ignore[arg-type]
 
 
 @BACKBONES.register("mbf_large")
 def mobilefacenet_large(**kwargs: object) -> MobileFaceNet:
-    """MobileFaceNet, width 4, blocks (2, 8, 12, 4)."""
+    """MobileFaceNet, width 4, blocks (2, 8, 12, 4) (6.31 M parameters)."""
     return MobileFaceNet(blocks=(2, 8, 12, 4), scale=4, **kwargs)  # type: ignore[arg-type]
