@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -36,8 +35,7 @@ import torch
 
 from core.paths import shared_data_dir
 from data.recordio import RecordIOFaceSet, RecordIOWriter, pack
-
-ImageFn = Callable[[np.ndarray], np.ndarray]
+from data.transforms import PRESETS, FaceDataset, FaceTransform
 
 # Runs inside the MXNet interpreter: argv = rec, idx, keys file; prints one JSON line.
 MXNET_READER = """
@@ -140,54 +138,15 @@ def bench_mxnet_reads(python: str, rec: Path, order: list[int], workdir: Path) -
     return result
 
 
-def image_pipeline() -> tuple[Callable[[bytes], np.ndarray], ImageFn, str]:
-    """Decoder and train-time augmentation: the project's when present, else cv2 decode + random flip."""
-    try:
-        from data.decode import decode_rgb
-    except ImportError:
-        decode_rgb, decoder = cv2_decode_rgb, "cv2.imdecode + BGR->RGB (data.decode not found)"
-    else:
-        decoder = "data.decode.decode_rgb"
-    try:
-        from data.transforms import build_train_transform
-    except ImportError:
-        augment, augmenter = random_flip, "random horizontal flip (data.transforms not found)"
-    else:
-        augment, augmenter = build_train_transform(), "data.transforms.build_train_transform()"
-    return decode_rgb, augment, f"{decoder}; {augmenter}"
+def face_dataset(rec: Path, preset: str) -> FaceDataset:
+    """RecordIO faces decoded and augmented exactly as training sees them (uint8 3 x H x W)."""
+    return FaceDataset(RecordIOFaceSet(rec), FaceTransform(PRESETS[preset], seed=0))
 
 
-def cv2_decode_rgb(buf: bytes) -> np.ndarray:
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError("undecodable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def random_flip(img: np.ndarray) -> np.ndarray:
-    return img[:, ::-1] if random.random() < 0.5 else img
-
-
-class DecodedFaces(torch.utils.data.Dataset):
-    """RecordIO faces decoded to ``3 x H x W`` uint8 RGB tensors and augmented, as training sees them."""
-
-    def __init__(self, rec: Path):
-        self.faces = RecordIOFaceSet(rec)
-        self.decode, self.augment, _ = image_pipeline()
-
-    def __len__(self) -> int:
-        return len(self.faces)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.faces[i]
-        rgb = np.ascontiguousarray(self.augment(self.decode(image)))
-        return torch.from_numpy(rgb).permute(2, 0, 1), label
-
-
-def bench_loader(rec: Path, workers: int, batch_size: int) -> dict[str, float]:
+def bench_loader(rec: Path, workers: int, batch_size: int, preset: str) -> dict[str, float]:
     """One shuffled epoch; throughput counts from the first batch on, so worker start-up is separate."""
     loader = torch.utils.data.DataLoader(
-        DecodedFaces(rec), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=False
+        face_dataset(rec, preset), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=False
     )
     start = time.perf_counter()
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(loader)
@@ -197,6 +156,7 @@ def bench_loader(rec: Path, workers: int, batch_size: int) -> dict[str, float]:
     count = sum(len(images) for images, _ in batches)
     seconds = time.perf_counter() - ready
     return {
+        "preset": preset,
         "workers": workers,
         "images": count + len(first[0]),
         "startup_s": ready - start,
@@ -215,6 +175,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reads", type=int, default=20000, help="random reads to time")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        default=["arcface", "adaface"],
+        choices=sorted(PRESETS),
+        help="augmentation presets to time (arcface: flip only; adaface: + crop, low-res, photometric)",
+    )
     parser.add_argument("--mxnet-python", help="interpreter with mxnet installed, to time MXIndexedRecordIO")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -223,7 +190,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
@@ -235,12 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
             "source": source,
             "rec_bytes": rec.stat().st_size,
             "cpus": os.cpu_count(),
-            "pipeline": image_pipeline()[2],
+            "pipeline": "data.decode.decode_rgb + data.transforms.FaceTransform",
             "random_reads": bench_random_reads(rec, order),
         }
         if args.mxnet_python:
             report["mxnet_random_reads"] = bench_mxnet_reads(args.mxnet_python, rec, order, Path(tmp))
-        report["loader"] = [bench_loader(rec, w, args.batch_size) for w in args.workers]
+        report["loader"] = [
+            bench_loader(rec, w, args.batch_size, preset) for preset in args.presets for w in args.workers
+        ]
     print(json.dumps(report) if args.json else format_report(report))
     return report
 
@@ -261,7 +229,8 @@ def format_report(report: dict) -> str:
         )
     for row in report["loader"]:
         lines.append(
-            f"DataLoader decode+augment, {row['workers']} workers: {row['images_per_s']:>8.0f} images/s "
+            f"DataLoader decode+augment ({row['preset']}), {row['workers']} workers: "
+            f"{row['images_per_s']:>8.0f} images/s "
             f"(start-up {row['startup_s']:.2f} s)"
         )
     return "\n".join(lines)
