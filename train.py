@@ -52,7 +52,13 @@ def dry_run(cfg: Config, steps: int = 2) -> dict[str, object]:
     model = build_model(cfg)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        num_workers=cfg.data.num_workers,
+        drop_last=False,
+    )
     model.train()
     seen = 0
     start = time.perf_counter()
