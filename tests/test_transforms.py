@@ -13,7 +13,8 @@ from core.config import AugmentConfig, DataConfig
 from data.builder import build_train_dataset
 from data.decode import decode_rgb, encode_jpeg
 from data.image_folder import ImageFolderFaces
-from data.recordio import pack_folder
+from data.recordio import RecordIOFaceSet, RecordIOWriter, pack_folder
+from data.recordio import pack as pack_record
 from data.transforms import (
     PRESETS,
     FaceDataset,
@@ -204,3 +205,15 @@ def test_builder_checks_configured_counts(tiny_folder):
         build_train_dataset(DataConfig(root=""), seed=0)
     shutil.rmtree(tiny_folder / "amy")
     assert build_train_dataset(DataConfig(root=str(tiny_folder), format="folder"), seed=0).num_identities == 1
+
+
+def test_undecodable_jpeg_in_a_rec_names_file_and_key(tmp_path):
+    good = encode_jpeg(smooth_face())
+    rec = tmp_path / "train.rec"
+    with RecordIOWriter(rec, tmp_path / "train.idx") as writer:
+        writer.write(1, pack_record(0.0, good, id=1))
+        writer.write(2, pack_record(0.0, good[:40] + b"\x00" * 300 + good[-2:], id=2))
+    ds = FaceDataset(RecordIOFaceSet(rec), FaceTransform())
+    assert ds[0][0].shape == (3, 112, 112)
+    with pytest.raises(ValueError, match=r"train\.rec key 2: corrupt JPEG"):
+        ds[1]
