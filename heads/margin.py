@@ -1,0 +1,311 @@
+"""Margin heads (SPEC §3.1-3.7): embeddings + labels -> logits already multiplied by the scale s.
+
+Every head owns the class centres ``weight`` (C x E, one row per class, as insightface's Partial FC
+stores them), normalises embeddings and centres, computes ``cos(theta_j)`` clamped to
+``[-1 + eps, 1 - eps]`` and replaces the target cosine by its method's margined value. Heads that use the
+embedding norm (MagFace, AdaFace, FRABSM) read it from the un-normalised embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heads.registry import HEADS
+
+EPS = 1e-7  # clamp of the cosine: keeps arccos and its gradient finite at theta = 0 and pi
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class MarginHead(nn.Module):
+    """Base class: class centres, input checks, cosine logits; subclasses define :meth:`margin`."""
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0) -> None:
+        super().__init__()
+        if embedding_size <= 0 or num_classes <= 0:
+            raise ValueError(
+                f"embedding_size and num_classes must be positive, got {embedding_size}, {num_classes}"
+            )
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.s = s
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+
+    def check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        name = type(self).__name__
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
+            shape = tuple(embeddings.shape)
+            raise ValueError(f"{name}: embeddings of shape {shape}, expected (N, {self.embedding_size})")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"{name}: labels must be int64 class ids, got {labels.dtype}")
+        if labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"{name}: {tuple(labels.shape)} labels for {embeddings.shape[0]} embeddings")
+        if labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= self.num_classes:
+                bad = low if low < 0 else high
+                raise ValueError(f"{name}: label {bad} outside [0, {self.num_classes})")
+        if not torch.isfinite(embeddings).all():
+            raise ValueError(f"{name}: embeddings contain NaN or inf")
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(embeddings)
+        cos = F.linear(F.normalize(embeddings.to(dtype), dim=1), F.normalize(self.weight.to(dtype), dim=1))
+        return cos.clamp(-1.0 + EPS, 1.0 - EPS)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(embeddings, labels)
+        # Margins are computed in fp32 (fp64 when given) whatever the autocast: fp16 cos(theta + m) near
+        # cos = +-1 is where NaN losses come from.
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            cos = self.cosine(embeddings)
+            norms = embeddings.to(cos.dtype).norm(dim=1)
+            return self.s * self.margin(cos, labels, norms)
+
+    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """The cosine matrix with the target entries replaced by their margined values (before * s)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def replace_target(cos: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(labels, cos.shape[1]).to(torch.bool)
+        return torch.where(onehot, target.unsqueeze(1), cos)
+
+    @staticmethod
+    def target_cos(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cos.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+    def extra_repr(self) -> str:
+        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}"
+
+
+@HEADS.register("softmax")
+class NormSoftmax(MarginHead):
+    """Normalised softmax without margin: logits s * cos(theta_j) (a baseline)."""
+
+    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        return cos
+
+
+@HEADS.register("cosface")
+class CosFace(MarginHead):
+    """Target logit s * (cos(theta_y) - m)."""
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4) -> None:
+        super().__init__(embedding_size, num_classes, s)
+        self.m = m
+
+    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        return self.replace_target(cos, labels, self.target_cos(cos, labels) - self.m)
+
+
+def arc_margin(cos_y: torch.Tensor, m: float | torch.Tensor) -> torch.Tensor:
+    """cos(theta + m) from cos(theta) with exact gradient: s * sin(theta + m) / sin(theta) per unit s."""
+    return torch.cos(torch.acos(cos_y) + m)
+
+
+class _StraightThroughArc(torch.autograd.Function):
+    """Forward cos(theta + m); backward passes the gradient as if the margin were the identity."""
+
+    @staticmethod
+    def forward(ctx, cos_y: torch.Tensor, m: float) -> torch.Tensor:
+        return torch.cos(torch.acos(cos_y) + m)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@HEADS.register("arcface")
+class ArcFace(MarginHead):
+    """Target logit s * cos(theta_y + m) in one of four variants (SPEC §3.2):
+
+    * ``exact`` (default): cos(theta + m) with its true gradient, s*sin(theta+m)/sin(theta) w.r.t. cos;
+    * ``clip``: theta + m clipped to [eps, pi - eps] (AdaFace);
+    * ``fallback``: cos(theta + m) if cos(theta) > cos(pi - m), else cos(theta) - m*sin(m), keeping the logit
+      monotonic in theta (evoLVe / CurricularFace); ``easy_margin`` applies the margin only where cos > 0;
+    * ``straight_through``: the forward value of ``exact``, but the backward treats the margin as the identity
+      (d logit / d cos = s), which is what arcface_torch's in-place no-grad rewrite computes.
+    """
+
+    VARIANTS = ("exact", "clip", "fallback", "straight_through")
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        variant: str = "exact",
+        easy_margin: bool = False,
+    ) -> None:
+        super().__init__(embedding_size, num_classes, s)
+        if variant not in self.VARIANTS:
+            raise ValueError(f"arcface variant must be one of {', '.join(self.VARIANTS)}, got {variant!r}")
+        if easy_margin and variant != "fallback":
+            raise ValueError("easy_margin belongs to the 'fallback' variant")
+        self.m, self.variant, self.easy_margin = m, variant, easy_margin
+
+    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        cos_y = self.target_cos(cos, labels)
+        if self.variant == "exact":
+            target = arc_margin(cos_y, self.m)
+        elif self.variant == "straight_through":
+            target = _StraightThroughArc.apply(cos_y, self.m)
+        elif self.variant == "clip":
+            target = torch.cos((torch.acos(cos_y) + self.m).clamp(1e-3, math.pi - 1e-3))
+        else:
+            target = fallback_arc(cos_y, self.m, self.easy_margin)
+        return self.replace_target(cos, labels, target)
+
+
+def fallback_arc(cos_y: torch.Tensor, m: float, easy_margin: bool = False) -> torch.Tensor:
+    """cos(theta + m) where theta + m < pi, else the monotonic cos(theta) - m*sin(m)."""
+    margined = arc_margin(cos_y, m)
+    if easy_margin:
+        return torch.where(cos_y > 0, margined, cos_y)
+    return torch.where(cos_y > math.cos(math.pi - m), margined, cos_y - m * math.sin(m))
+
+
+@HEADS.register("combined")
+class CombinedMargin(MarginHead):
+    """insightface's combined margin: target s * (cos(m1 * theta_y + m2) - m3)."""
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+    ) -> None:
+        super().__init__(embedding_size, num_classes, s)
+        self.m1, self.m2, self.m3 = m1, m2, m3
+
+    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        theta = torch.acos(self.target_cos(cos, labels))
+        return self.replace_target(cos, labels, torch.cos(self.m1 * theta + self.m2) - self.m3)
+
+
+@HEADS.register("curricularface")
+class CurricularFace(MarginHead):
+    """ArcFace-with-fallback positives; hard negatives (cos_j > cos(theta_y + m)) get cos_j * (t + cos_j).
+
+    ``t`` is a buffer, an EMA of the batch-mean target cosine: t <- 0.01 * mean(cos_y) + 0.99 * t.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5) -> None:
+        super().__init__(embedding_size, num_classes, s)
+        self.m = m
+        self.register_buffer("t", torch.zeros(()))
+
+    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        cos_y = self.target_cos(cos, labels)
+        with torch.no_grad():
+            threshold = arc_margin(cos_y, self.m)  # before the fallback, as the method defines hardness
+            if self.training:
+                self.t.mul_(0.99).add_(0.01 * cos_y.mean())
+        hard = cos > threshold.unsqueeze(1)
+        out = torch.where(hard, cos * (self.t + cos), cos)
+        return self.replace_target(out, labels, fallback_arc(cos_y, self.m))
+
+
+@HEADS.register("magface")
+class MagFace(MarginHead):
+    """Magnitude-aware margin: a = clamp(|f|, l_a, u_a), m(a) linear from l_m to u_m, target
+    s * cos(theta_y + m(a)) (easy margin). :meth:`regularizer` gives g(a) = a / u_a^2 + 1 / a, added to the
+    loss with weight ``lambda_g``."""
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        l_a: float = 10.0,
+        u_a: float = 110.0,
+        l_m: float = 0.45,
+        u_m: float = 0.8,
+        lambda_g: float = 35.0,
+    ) -> None:
+        super().__init__(embedding_size, num_classes, s)
+        self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = l_a, u_a, l_m, u_m, lambda_g
+
+    def margin_of(self, norms: torch.Tensor) -> torch.Tensor:
+        a = norms.clamp(self.l_a, self.u_a)
+        return self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
+
+    def regularizer(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Mean g(a) over the batch, already multiplied by ``lambda_g``."""
+        a = embeddings.to(_compute_dtype(embeddings)).norm(dim=1).clamp(self.l_a, self.u_a)
+        return self.lambda_g * (a / self.u_a**2 + 1.0 / a).mean()
+
+    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        cos_y = self.target_cos(cos, labels)
+        margined = arc_margin(cos_y, self.margin_of(norms))
+        return self.replace_target(cos, labels, torch.where(cos_y > 0, margined, cos_y))
+
+
+@HEADS.register("adaface")
+class AdaFace(MarginHead):
+    """Quality-adaptive margin (SPEC §3.6). With z = clip(h (n - mu) / (sigma + 1e-3), -1, 1) from the
+    detached norm n and EMA batch statistics (mu, sigma): target s * [cos(clip(theta_y - m z, eps, pi - eps))
+    - g_add],
+    g_add = add_scale * m * (1 + z). ``add_scale`` is 1 for AdaFace and 0.7 for FRABSM.
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.4,
+        h: float = 0.333,
+        t_alpha: float = 0.01,
+        add_scale: float = 1.0,
+    ) -> None:
+        super().__init__(embedding_size, num_classes, s)
+        self.m, self.h, self.t_alpha, self.add_scale = m, h, t_alpha, add_scale
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    def quality(self, norms: torch.Tensor) -> torch.Tensor:
+        """Update the EMA statistics (training only) and return z in [-1, 1] (no gradient)."""
+        n = norms.detach().clamp(0.001, 100.0)
+        if self.training and n.numel() > 1:
+            self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * n.mean())
+            self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * n.std())
+        return (self.h * (n - self.batch_mean) / (self.batch_std + 1e-3)).clamp(-1.0, 1.0)
+
+    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        z = self.quality(norms)
+        theta = torch.acos(self.target_cos(cos, labels))
+        angular = (theta - self.m * z).clamp(1e-3, math.pi - 1e-3)
+        target = torch.cos(angular) - self.add_scale * self.m * (1.0 + z)
+        return self.replace_target(cos, labels, target)
+
+
+@HEADS.register("frabsm")
+def frabsm(embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
+           t_alpha: float = 0.01, add_scale: float = 0.7) -> AdaFace:  # fmt: skip
+    """FRABSM head: AdaFace with the additive margin scaled by 0.7 (SPEC §3.7)."""
+    return AdaFace(embedding_size, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, add_scale=add_scale)
+
+
+@HEADS.register("nfrabsm")
+def nfrabsm(embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
+            t_alpha: float = 0.01) -> AdaFace:  # fmt: skip
+    """NFRABSM preset: the FRABSM head *without* the 0.7 factor on the additive margin (add_scale 1.0).
+
+    No public commit defines NFRABSM (SPEC §3.7 item 3). The two plausible readings are "the head without
+    the 0.7 factor" (the first FRABSM commit) and "the alpha > 1 normalised mining weight". This preset is
+    the head-side reading; the loss-side reading is the ``frabsm_weight`` loss with alpha > 1, so either
+    (or both together) can be trained until the paper settles the definition.
+    """
+    return AdaFace(embedding_size, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, add_scale=1.0)
