@@ -12,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from heads.registry import HEADS
 
@@ -66,20 +66,39 @@ class MarginHead(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             cos = self.cosine(embeddings)
             norms = embeddings.to(cos.dtype).norm(dim=1)
-            return self.s * self.margin(cos, labels, norms)
+            return self.logits(cos, labels, norms)
 
-    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self,
+        cos: torch.Tensor,
+        labels: torch.Tensor,
+        norms: torch.Tensor,
+        global_cos_y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """s * margined cosines. A label of -1 marks a sample whose class is not among these columns
+        (Partial FC shards); ``global_cos_y`` then gives every sample's detached target cosine."""
+        return self.s * self.margin(cos, labels, norms, global_cos_y)
+
+    def margin(
+        self,
+        cos: torch.Tensor,
+        labels: torch.Tensor,
+        norms: torch.Tensor,
+        global_cos_y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The cosine matrix with the target entries replaced by their margined values (before * s)."""
         raise NotImplementedError
 
     @staticmethod
     def replace_target(cos: torch.Tensor, labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        onehot = F.one_hot(labels, cos.shape[1]).to(torch.bool)
+        """``cos`` with entry (i, labels[i]) replaced by ``target[i]``; rows labelled -1 are unchanged."""
+        onehot = torch.arange(cos.shape[1], device=cos.device) == labels.unsqueeze(1)
         return torch.where(onehot, target.unsqueeze(1), cos)
 
     @staticmethod
     def target_cos(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cos.gather(1, labels.unsqueeze(1)).squeeze(1)
+        """cos(theta_y) per sample (an arbitrary valid cosine for rows labelled -1, which are never used)."""
+        return cos.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}"
@@ -89,7 +108,9 @@ class MarginHead(nn.Module):
 class NormSoftmax(MarginHead):
     """Normalised softmax without margin: logits s * cos(theta_j) (a baseline)."""
 
-    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def margin(
+        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
+    ) -> Tensor:
         return cos
 
 
@@ -101,7 +122,9 @@ class CosFace(MarginHead):
         super().__init__(embedding_size, num_classes, s)
         self.m = m
 
-    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def margin(
+        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
+    ) -> Tensor:
         return self.replace_target(cos, labels, self.target_cos(cos, labels) - self.m)
 
 
@@ -152,7 +175,9 @@ class ArcFace(MarginHead):
             raise ValueError("easy_margin belongs to the 'fallback' variant")
         self.m, self.variant, self.easy_margin = m, variant, easy_margin
 
-    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def margin(
+        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
+    ) -> Tensor:
         cos_y = self.target_cos(cos, labels)
         if self.variant == "exact":
             target = arc_margin(cos_y, self.m)
@@ -189,7 +214,9 @@ class CombinedMargin(MarginHead):
         super().__init__(embedding_size, num_classes, s)
         self.m1, self.m2, self.m3 = m1, m2, m3
 
-    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def margin(
+        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
+    ) -> Tensor:
         theta = torch.acos(self.target_cos(cos, labels))
         return self.replace_target(cos, labels, torch.cos(self.m1 * theta + self.m2) - self.m3)
 
@@ -206,12 +233,15 @@ class CurricularFace(MarginHead):
         self.m = m
         self.register_buffer("t", torch.zeros(()))
 
-    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def margin(
+        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
+    ) -> Tensor:
         cos_y = self.target_cos(cos, labels)
         with torch.no_grad():
-            threshold = arc_margin(cos_y, self.m)  # before the fallback, as the method defines hardness
+            reference = cos_y if global_cos_y is None else global_cos_y
+            threshold = arc_margin(reference, self.m)  # before the fallback, as the method defines hardness
             if self.training:
-                self.t.mul_(0.99).add_(0.01 * cos_y.mean())
+                self.t.mul_(0.99).add_(0.01 * reference.mean())
         hard = cos > threshold.unsqueeze(1)
         out = torch.where(hard, cos * (self.t + cos), cos)
         return self.replace_target(out, labels, fallback_arc(cos_y, self.m))
@@ -246,7 +276,9 @@ class MagFace(MarginHead):
         a = embeddings.to(_compute_dtype(embeddings)).norm(dim=1).clamp(self.l_a, self.u_a)
         return self.lambda_g * (a / self.u_a**2 + 1.0 / a).mean()
 
-    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def margin(
+        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
+    ) -> Tensor:
         cos_y = self.target_cos(cos, labels)
         margined = arc_margin(cos_y, self.margin_of(norms))
         return self.replace_target(cos, labels, torch.where(cos_y > 0, margined, cos_y))
@@ -283,7 +315,9 @@ class AdaFace(MarginHead):
             self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * n.std())
         return (self.h * (n - self.batch_mean) / (self.batch_std + 1e-3)).clamp(-1.0, 1.0)
 
-    def margin(self, cos: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def margin(
+        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
+    ) -> Tensor:
         z = self.quality(norms)
         theta = torch.acos(self.target_cos(cos, labels))
         angular = (theta - self.m * z).clamp(1e-3, math.pi - 1e-3)
