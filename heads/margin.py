@@ -73,18 +73,18 @@ class MarginHead(nn.Module):
         cos: torch.Tensor,
         labels: torch.Tensor,
         norms: torch.Tensor,
-        global_cos_y: torch.Tensor | None = None,
+        cos_y_all: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """s * margined cosines. A label of -1 marks a sample whose class is not among these columns
-        (Partial FC shards); ``global_cos_y`` then gives every sample's detached target cosine."""
-        return self.s * self.margin(cos, labels, norms, global_cos_y)
+        (Partial FC shards); ``cos_y_all`` then gives every sample's detached target cosine."""
+        return self.s * self.margin(cos, labels, norms, cos_y_all)
 
     def margin(
         self,
         cos: torch.Tensor,
         labels: torch.Tensor,
         norms: torch.Tensor,
-        global_cos_y: torch.Tensor | None = None,
+        cos_y_all: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The cosine matrix with the target entries replaced by their margined values (before * s)."""
         raise NotImplementedError
@@ -108,9 +108,7 @@ class MarginHead(nn.Module):
 class NormSoftmax(MarginHead):
     """Normalised softmax without margin: logits s * cos(theta_j) (a baseline)."""
 
-    def margin(
-        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
-    ) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
         return cos
 
 
@@ -122,9 +120,7 @@ class CosFace(MarginHead):
         super().__init__(embedding_size, num_classes, s)
         self.m = m
 
-    def margin(
-        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
-    ) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
         return self.replace_target(cos, labels, self.target_cos(cos, labels) - self.m)
 
 
@@ -175,9 +171,7 @@ class ArcFace(MarginHead):
             raise ValueError("easy_margin belongs to the 'fallback' variant")
         self.m, self.variant, self.easy_margin = m, variant, easy_margin
 
-    def margin(
-        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
-    ) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
         cos_y = self.target_cos(cos, labels)
         if self.variant == "exact":
             target = arc_margin(cos_y, self.m)
@@ -214,9 +208,7 @@ class CombinedMargin(MarginHead):
         super().__init__(embedding_size, num_classes, s)
         self.m1, self.m2, self.m3 = m1, m2, m3
 
-    def margin(
-        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
-    ) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
         theta = torch.acos(self.target_cos(cos, labels))
         return self.replace_target(cos, labels, torch.cos(self.m1 * theta + self.m2) - self.m3)
 
@@ -233,12 +225,10 @@ class CurricularFace(MarginHead):
         self.m = m
         self.register_buffer("t", torch.zeros(()))
 
-    def margin(
-        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
-    ) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
         cos_y = self.target_cos(cos, labels)
         with torch.no_grad():
-            reference = cos_y if global_cos_y is None else global_cos_y
+            reference = cos_y if cos_y_all is None else cos_y_all
             threshold = arc_margin(reference, self.m)  # before the fallback, as the method defines hardness
             if self.training:
                 self.t.mul_(0.99).add_(0.01 * reference.mean())
@@ -276,9 +266,7 @@ class MagFace(MarginHead):
         a = embeddings.to(_compute_dtype(embeddings)).norm(dim=1).clamp(self.l_a, self.u_a)
         return self.lambda_g * (a / self.u_a**2 + 1.0 / a).mean()
 
-    def margin(
-        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
-    ) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
         cos_y = self.target_cos(cos, labels)
         margined = arc_margin(cos_y, self.margin_of(norms))
         return self.replace_target(cos, labels, torch.where(cos_y > 0, margined, cos_y))
@@ -315,9 +303,7 @@ class AdaFace(MarginHead):
             self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * n.std())
         return (self.h * (n - self.batch_mean) / (self.batch_std + 1e-3)).clamp(-1.0, 1.0)
 
-    def margin(
-        self, cos: Tensor, labels: Tensor, norms: Tensor, global_cos_y: Tensor | None = None
-    ) -> Tensor:
+    def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
         z = self.quality(norms)
         theta = torch.acos(self.target_cos(cos, labels))
         angular = (theta - self.m * z).clamp(1e-3, math.pi - 1e-3)
