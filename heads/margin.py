@@ -19,7 +19,26 @@ from heads.registry import HEADS
 EPS = 1e-7  # clamp of the cosine: keeps arccos and its gradient finite at theta = 0 and pi
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def check_inputs(
+    owner: str, embeddings: torch.Tensor, labels: torch.Tensor, embedding_size: int, num_classes: int
+) -> None:
+    """Refuse inputs a head cannot use, naming the value and the limit."""
+    if embeddings.ndim != 2 or embeddings.shape[1] != embedding_size:
+        shape = tuple(embeddings.shape)
+        raise ValueError(f"{owner}: embeddings of shape {shape}, expected (N, {embedding_size})")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{owner}: labels must be int64 class ids, got {labels.dtype}")
+    if labels.shape != (embeddings.shape[0],):
+        raise ValueError(f"{owner}: {tuple(labels.shape)} labels for {embeddings.shape[0]} embeddings")
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{owner}: label {low if low < 0 else high} outside [0, {num_classes})")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{owner}: embeddings contain NaN or inf")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -38,25 +57,13 @@ class MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
 
     def check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        name = type(self).__name__
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
-            shape = tuple(embeddings.shape)
-            raise ValueError(f"{name}: embeddings of shape {shape}, expected (N, {self.embedding_size})")
-        if labels.dtype != torch.int64:
-            raise TypeError(f"{name}: labels must be int64 class ids, got {labels.dtype}")
-        if labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"{name}: {tuple(labels.shape)} labels for {embeddings.shape[0]} embeddings")
-        if labels.numel():
-            low, high = int(labels.min()), int(labels.max())
-            if low < 0 or high >= self.num_classes:
-                bad = low if low < 0 else high
-                raise ValueError(f"{name}: label {bad} outside [0, {self.num_classes})")
-        if not torch.isfinite(embeddings).all():
-            raise ValueError(f"{name}: embeddings contain NaN or inf")
+        check_inputs(type(self).__name__, embeddings, labels, self.embedding_size, self.num_classes)
 
-    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(embeddings)
-        cos = F.linear(F.normalize(embeddings.to(dtype), dim=1), F.normalize(self.weight.to(dtype), dim=1))
+    def cosine(self, embeddings: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Clamped cosines between embeddings and class centres (``weight``: a subset of the rows)."""
+        weight = self.weight if weight is None else weight
+        dtype = compute_dtype(embeddings)
+        cos = F.linear(F.normalize(embeddings.to(dtype), dim=1), F.normalize(weight.to(dtype), dim=1))
         return cos.clamp(-1.0 + EPS, 1.0 - EPS)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -263,7 +270,7 @@ class MagFace(MarginHead):
 
     def regularizer(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Mean g(a) over the batch, already multiplied by ``lambda_g``."""
-        a = embeddings.to(_compute_dtype(embeddings)).norm(dim=1).clamp(self.l_a, self.u_a)
+        a = embeddings.to(compute_dtype(embeddings)).norm(dim=1).clamp(self.l_a, self.u_a)
         return self.lambda_g * (a / self.u_a**2 + 1.0 / a).mean()
 
     def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:

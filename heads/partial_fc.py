@@ -1,0 +1,143 @@
+"""Partial FC (SPEC §3.12): a margin head whose class centres are sharded across ranks.
+
+Each rank holds a contiguous block of classes. Embeddings and labels are all-gathered, so every rank
+scores the whole global batch against its own centres; the softmax cross-entropy is computed across the
+shards (all-reduced max and sum of exponentials). With ``sample_rate < 1`` a rank scores only the centres
+of the positive classes in the global batch plus random negatives, up to ``sample_rate * local classes``.
+
+Any registered margin head works inside: per-sample statistics (AdaFace's norm EMA, CurricularFace's t)
+are computed from the global batch, so they equal the single-process values. The loss and its gradients
+are those of the mean cross-entropy over the global batch: with ``sample_rate = 1`` they equal a single
+process holding all classes (tested with 2 gloo ranks). A training loop under DDP, which averages
+backbone gradients over ranks, multiplies the loss by the world size to keep that scale.
+
+``state_dict`` is unsharded (every rank must call it: it gathers the shards) and ``load_state_dict``
+takes an unsharded one, so a checkpoint moves between world sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.distributed import all_gather_padded, all_gather_with_grad, all_reduce, get_rank, get_world_size
+from heads.margin import MarginHead, check_inputs, compute_dtype
+from heads.registry import HEADS
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(first class, number of classes) held by ``rank``: contiguous blocks differing by at most one."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, base + (rank < extra)
+
+
+class _ShardedCrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy over logits split by columns across ranks.
+
+    ``labels`` are local column indices, -1 where the class lives on another rank. Backward gives the
+    exact gradient (softmax - onehot) / N for this rank's columns.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.detach()
+        row_max = all_reduce(logits.max(dim=1).values, "max")
+        exp = torch.exp(logits - row_max.unsqueeze(1))
+        denom = all_reduce(exp.sum(dim=1), "sum")
+        prob = exp / denom.unsqueeze(1)
+        # in log space: a target probability far below the float range must not clamp the loss
+        here = labels >= 0
+        target_logit = torch.where(here, logits.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+        target_logit = all_reduce(target_logit, "sum")
+        ctx.save_for_backward(prob, labels)
+        return (torch.log(denom) + row_max - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        prob, labels = ctx.saved_tensors
+        rows = torch.nonzero(labels >= 0).squeeze(1)
+        grad_logits = prob.clone()
+        grad_logits[rows, labels[rows]] -= 1.0
+        return grad_logits * (grad / prob.shape[0]), None
+
+
+class PartialFC(nn.Module):
+    """``forward(embeddings, labels) -> loss`` for the local batch, with the head's centres sharded.
+
+    Args:
+        head: name of a registered margin head; ``head_params`` go to its constructor.
+        embedding_size, num_classes: of the whole classifier.
+        sample_rate: fraction of this rank's classes scored per step (positives are always kept).
+    """
+
+    def __init__(
+        self, head: str, embedding_size: int, num_classes: int, sample_rate: float = 1.0, **head_params: Any
+    ) -> None:
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.embedding_size, self.num_classes, self.sample_rate = embedding_size, num_classes, sample_rate
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
+        if self.num_local == 0:
+            raise ValueError(f"{num_classes} classes cannot be sharded over {self.world_size} ranks")
+        self.head: MarginHead = HEADS.build(
+            head, embedding_size=embedding_size, num_classes=self.num_local, **head_params
+        )
+        self.last_index: torch.Tensor | None = None  # local classes scored in the last step (for tests/logs)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_inputs("PartialFC", embeddings, labels, self.embedding_size, self.num_classes)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            all_embeddings = all_gather_with_grad(embeddings.to(compute_dtype(embeddings)))
+            all_labels = torch.cat(all_gather_padded(labels))
+            local = all_labels - self.class_start
+            local = torch.where((local >= 0) & (local < self.num_local), local, -1)
+            weight = self.head.weight
+            if self.sample_rate < 1.0 and self.training:
+                index, local = self._sample(local)
+                weight = weight[index]
+            else:
+                index = None
+            self.last_index = index
+            cos = self.head.cosine(all_embeddings, weight)
+            here = local >= 0
+            cos_y_all = torch.where(here, self.head.target_cos(cos, local).detach(), 0.0)
+            cos_y_all = all_reduce(cos_y_all, "sum")
+            logits = self.head.logits(cos, local, all_embeddings.norm(dim=1), cos_y_all)
+            return _ShardedCrossEntropy.apply(logits, local)
+
+    def _sample(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local class indices to score (all positives + random negatives) and the labels remapped."""
+        positives = torch.unique(local[local >= 0])
+        keep = max(int(self.sample_rate * self.num_local), positives.numel())
+        scores = torch.rand(self.num_local, device=local.device)
+        scores[positives] = 2.0  # above every random score: positives are always chosen
+        index = torch.topk(scores, keep).indices.sort().values
+        remap = torch.full((self.num_local,), -1, dtype=torch.long, device=local.device)
+        remap[index] = torch.arange(keep, device=local.device)
+        return index, torch.where(local >= 0, remap[local.clamp(min=0)], -1)
+
+    # -- unsharded checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        """Unsharded: ``weight`` holds all classes; head buffers are the same on every rank."""
+        state = {k: v.detach().clone() for k, v in self.head.state_dict().items() if k != "weight"}
+        state["weight"] = torch.cat(all_gather_padded(self.head.weight.detach()))
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load an unsharded state dict (from any world size): this rank takes its block of classes."""
+        full = state_dict["weight"]
+        if tuple(full.shape) != (self.num_classes, self.embedding_size):
+            raise ValueError(
+                f"PartialFC: checkpoint weight of shape {tuple(full.shape)}, "
+                f"expected ({self.num_classes}, {self.embedding_size})"
+            )
+        local = dict(state_dict)
+        local["weight"] = full[self.class_start : self.class_start + self.num_local]
+        return self.head.load_state_dict(local, strict=strict, assign=assign)

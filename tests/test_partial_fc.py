@@ -1,0 +1,159 @@
+"""Partial FC: 2 gloo processes on CPU against a single process holding every class."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from heads import build_head
+from heads.partial_fc import PartialFC, shard_range
+
+E, C, B, WORLD = 8, 11, 6, 2  # 11 classes: uneven shards of 6 and 5
+
+
+def problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(C, E, generator=g, dtype=torch.float64)
+    x = torch.randn(WORLD * B, E, generator=g, dtype=torch.float64) * 15
+    y = torch.randint(0, C, (WORLD * B,), generator=g)
+    return weight, x, y
+
+
+HEADS = [("arcface", {}), ("cosface", {}), ("adaface", {}), ("curricularface", {})]
+
+
+def reference(name: str, params: dict) -> dict[str, torch.Tensor]:
+    weight, x, y = problem()
+    head = build_head(name, embedding_size=E, num_classes=C, **params).double().train()
+    if name == "curricularface":
+        head.t.fill_(0.2)
+    head.weight.data.copy_(weight)
+    x = x.clone().requires_grad_()
+    loss = F.cross_entropy(head(x, y), y)
+    loss.backward()
+    return {"loss": loss.detach(), "x_grad": x.grad, "w_grad": head.weight.grad, "state": head.state_dict()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str, name: str, params: dict, sample_rate: float) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        weight, x, y = problem()
+        pfc = PartialFC(name, E, C, sample_rate=sample_rate, **params).double().train()
+        state = {"weight": weight}
+        if name == "curricularface":
+            state["t"] = torch.tensor(0.2, dtype=torch.float64)
+        if name == "adaface":
+            state.update(batch_mean=torch.tensor(20.0).double(), batch_std=torch.tensor(100.0).double())
+        pfc.load_state_dict(state)
+        x_local = x[rank * B : (rank + 1) * B].clone().requires_grad_()
+        loss = pfc(x_local, y[rank * B : (rank + 1) * B])
+        loss.backward()
+        full_state = pfc.state_dict()  # collective: every rank calls it
+        torch.save(
+            {
+                "loss": loss.detach(),
+                "x_grad": x_local.grad,
+                "w_grad": pfc.head.weight.grad,
+                "index": pfc.last_index,
+                "state": full_state,
+            },
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_ranks(tmp_path: Path, name: str, params: dict, sample_rate: float = 1.0) -> list[dict]:
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), name, params, sample_rate), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_shard_ranges_cover_all_classes():
+    for num, world in ((11, 2), (10, 3), (5, 5), (1000, 8)):
+        ranges = [shard_range(num, r, world) for r in range(world)]
+        assert ranges[0][0] == 0
+        assert all(a[0] + a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        assert sum(n for _, n in ranges) == num and max(n for _, n in ranges) - min(n for _, n in ranges) <= 1
+
+
+@pytest.mark.parametrize(("name", "params"), HEADS)
+def test_single_process_partial_fc_equals_full_softmax(name, params):
+    ref = reference(name, params)
+    weight, x, y = problem()
+    pfc = PartialFC(name, E, C, **params).double().train()
+    state = {**ref["state"], "weight": weight}
+    if name == "curricularface":
+        state["t"] = torch.tensor(0.2, dtype=torch.float64)
+    if name == "adaface":
+        state.update(batch_mean=torch.tensor(20.0).double(), batch_std=torch.tensor(100.0).double())
+    pfc.load_state_dict(state)
+    x = x.clone().requires_grad_()
+    loss = pfc(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss, ref["loss"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(x.grad, ref["x_grad"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(pfc.head.weight.grad, ref["w_grad"], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "params"), HEADS)
+def test_two_gloo_ranks_equal_single_process(tmp_path, name, params):
+    ref = reference(name, params)
+    results = run_two_ranks(tmp_path, name, params)
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res["loss"], ref["loss"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(res["x_grad"], ref["x_grad"][rank * B : (rank + 1) * B], atol=1e-5, rtol=0)
+        start, n = shard_range(C, rank, WORLD)
+        torch.testing.assert_close(res["w_grad"], ref["w_grad"][start : start + n], atol=1e-5, rtol=0)
+        # head statistics come from the global batch, so they match the single process after the step
+        for key, value in ref["state"].items():
+            if key != "weight":
+                torch.testing.assert_close(res["state"][key], value, atol=1e-10, rtol=0)
+
+
+def test_sampling_keeps_every_positive_and_loss_is_finite(tmp_path):
+    results = run_two_ranks(tmp_path, "arcface", {}, sample_rate=0.3)
+    _, _, y = problem()
+    for rank, res in enumerate(results):
+        start, n = shard_range(C, rank, WORLD)
+        positives = {int(c) - start for c in y if start <= c < start + n}
+        assert positives <= set(res["index"].tolist())
+        assert len(res["index"]) == max(int(0.3 * n), len(positives))
+        assert torch.isfinite(res["loss"])
+
+
+def test_unsharded_checkpoint_moves_from_two_ranks_to_one(tmp_path):
+    results = run_two_ranks(tmp_path, "adaface", {})
+    saved = results[0]["state"]
+    assert saved["weight"].shape == (C, E)
+    torch.testing.assert_close(results[1]["state"]["weight"], saved["weight"])
+    weight, x, y = problem()
+    torch.testing.assert_close(saved["weight"], weight)  # gathered back in class order
+    one = PartialFC("adaface", E, C).double().eval()
+    one.load_state_dict(saved)
+    full = build_head("adaface", embedding_size=E, num_classes=C).double().eval()
+    full.load_state_dict(saved)
+    with torch.no_grad():
+        torch.testing.assert_close(one.head(x, y), full(x, y))
+
+
+def test_bad_inputs():
+    pfc = PartialFC("arcface", E, C)
+    with pytest.raises(ValueError, match=r"PartialFC: label 11 outside \[0, 11\)"):
+        pfc(torch.randn(2, E), torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="sample_rate must be in"):
+        PartialFC("arcface", E, C, sample_rate=0.0)
+    with pytest.raises(ValueError, match=r"checkpoint weight of shape \(3, 8\)"):
+        pfc.load_state_dict({"weight": torch.zeros(3, E)})
