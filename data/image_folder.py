@@ -85,6 +85,10 @@ class ImageFolderFaces:
         """Class id of every image, by position."""
         return self._labels
 
+    def indices_per_identity(self) -> dict[int, np.ndarray]:
+        """Image positions of each class id (the same contract as the RecordIO reader)."""
+        return {c: np.arange(first, end) for c, (first, end) in enumerate(self.identity_ranges.tolist())}
+
     def path(self, i: int) -> Path:
         if not 0 <= i < len(self._paths):
             raise IndexError(f"{self.root}: image index {i} out of range 0..{len(self._paths) - 1}")

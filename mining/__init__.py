@@ -1,1 +1,6 @@
-"""Hard-sample miners and samplers: difficulty scores, easy/hard sampler, PK sampler, triplet mining."""
+"""Hard-sample miners and samplers: difficulty scores, easy/hard sampler, PK sampler."""
+
+from mining.difficulty import DifficultyScores, EasyHardSampler
+from mining.pk_sampler import PKSampler
+
+__all__ = ["DifficultyScores", "EasyHardSampler", "PKSampler"]
