@@ -96,3 +96,12 @@ class EasyHardSampler:
             easy.append(self.pick(scores, tau, 1.0, members, self.num_easy, rng))
             hard.append(self.pick(scores, 0.0, tau, members, self.num_hard, rng))
         return {"threshold": np.float64(tau), "easy": np.stack(easy), "hard": np.stack(hard)}
+
+
+@torch.no_grad()
+def top_negative_classes(cos: torch.Tensor, labels: torch.Tensor, k: int = 500) -> torch.Tensor:
+    """Per sample, the ``k`` non-target classes with the highest cosine (the hard negatives whose centres
+    become diversity prototypes). ``cos``: (N, C) cosines; returns (N, min(k, C - 1)) class ids."""
+    masked = cos.detach().clone()
+    masked.scatter_(1, labels.unsqueeze(1), float("-inf"))
+    return masked.topk(min(k, cos.shape[1] - 1), dim=1).indices

@@ -123,3 +123,12 @@ def test_pk_sampler_bad_arguments():
         PKSampler({0: np.arange(3)}, p=1, k=2)
     with pytest.raises(ValueError, match="only 1 identities have >= 1 images; p is 2"):
         PKSampler({0: np.arange(3)}, p=2, k=2)
+
+
+def test_top_negative_classes_skip_the_target():
+    from mining import top_negative_classes
+
+    cos = torch.tensor([[0.9, 0.1, 0.5, 0.7], [0.2, 0.8, 0.6, -0.1]])
+    out = top_negative_classes(cos, torch.tensor([0, 2]), k=2)
+    assert out.tolist() == [[3, 2], [1, 0]]
+    assert top_negative_classes(cos, torch.tensor([0, 2]), k=10).shape == (2, 3)
