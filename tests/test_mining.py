@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data.image_folder import ImageFolderFaces
-from mining import DifficultyScores, EasyHardSampler, PKSampler
+from mining import DifficultyScores, EasyHardSampler, PKSampler, top_negative_classes
 
 
 def test_scores_ema_closed_form_and_state_dict():
@@ -126,8 +126,6 @@ def test_pk_sampler_bad_arguments():
 
 
 def test_top_negative_classes_skip_the_target():
-    from mining import top_negative_classes
-
     cos = torch.tensor([[0.9, 0.1, 0.5, 0.7], [0.2, 0.8, 0.6, -0.1]])
     out = top_negative_classes(cos, torch.tensor([0, 2]), k=2)
     assert out.tolist() == [[3, 2], [1, 0]]
