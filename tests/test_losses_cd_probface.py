@@ -95,3 +95,12 @@ def test_output_constraint_and_attention_distance():
     s = sigma2.clone().requires_grad_()
     output_constraint(s).backward()
     torch.testing.assert_close(s.grad, 2 * (sigma2 / 2.0 - 1) / 2.0)
+
+
+def test_gradcheck_mls_loss_wrt_sigma():
+    mu = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    scalar = torch.rand(6, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.1
+    per_dim = torch.rand(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.1
+    for sigma2 in (scalar, per_dim):
+        assert torch.autograd.gradcheck(lambda s: mls_loss(mu, s, labels), (sigma2.requires_grad_(),))

@@ -184,3 +184,15 @@ def test_attention_triplet_is_semi_hard_on_attention_distance():
     att = attention_distance(POINTS + 0.3, sigma2)
     expected = manual("semi_hard", 3.0, dist=lambda i, j: att[i, j].item())
     assert attention_triplet_loss(POINTS + 0.3, sigma2, IDS).item() == pytest.approx(expected, abs=1e-9)
+
+
+WEIGHTED = [
+    ("cross_entropy", {"class_weights": [0.5, 2.0, 1.0]}),
+    ("focal", {"gamma": 2.0, "class_weights": [1.0, 3.0, 0.5]}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), WEIGHTED)
+def test_gradcheck_cross_entropy_and_focal(name, params):
+    loss = build_loss(name, **params)
+    assert torch.autograd.gradcheck(lambda x: loss(x, LABELS), (LOGITS.clone().requires_grad_(),))
