@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import errno
 import io
-import json
 import math
 import mmap
 import os
@@ -44,6 +43,8 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
+
+from core.cli import run_json_command
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -790,16 +791,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_pack.add_argument("out_prefix", type=Path)
     p_pack.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded non-JPEG images")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "info":
-            result = info(args.rec, args.idx)
-        else:
-            result = pack_folder(args.folder, args.out_prefix, args.quality)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(result))
-    return 0
+    if args.command == "info":
+        return run_json_command(lambda: info(args.rec, args.idx))
+    return run_json_command(lambda: pack_folder(args.folder, args.out_prefix, args.quality))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import pickle
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from core.cli import run_json_command
 from core.fileio import atomic_write
 from data.decode import decode_rgb, encode_jpeg
 
@@ -258,16 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_make.add_argument("out", type=Path)
     p_make.add_argument("--resize", action="store_true", help="scale images that are not 112x112")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "info":
-            result = info(args.path)
-        else:
-            result = make_bin(args.image_root, args.pairs_txt, args.out, resize=args.resize)
-    except (VerificationFileError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(result))
-    return 0
+    if args.command == "info":
+        return run_json_command(lambda: info(args.path))
+    return run_json_command(lambda: make_bin(args.image_root, args.pairs_txt, args.out, resize=args.resize))
 
 
 if __name__ == "__main__":

@@ -281,9 +281,10 @@ class MagFace(MarginHead):
 
 @HEADS.register("adaface")
 class AdaFace(MarginHead):
-    """Quality-adaptive margin (SPEC §3.6). With z = clip(h (n - mu) / (sigma + 1e-3), -1, 1) from the
-    detached norm n and EMA batch statistics (mu, sigma): target s * [cos(clip(theta_y - m z, eps, pi - eps))
-    - g_add],
+    """Quality-adaptive margin (SPEC §3.6).
+
+    z = clip(h (n - mu) / (sigma + 1e-3), -1, 1) from the detached norm n and EMA batch statistics
+    (mu, sigma); target s * [cos(clip(theta_y - m z, eps, pi - eps)) - g_add] with
     g_add = add_scale * m * (1 + z). ``add_scale`` is 1 for AdaFace and 0.7 for FRABSM.
     """
 
