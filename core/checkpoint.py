@@ -1,0 +1,111 @@
+"""Checkpoints: one file per save, one dict, written atomically, loaded with ``weights_only=True``.
+
+The dict holds ``format_version``, the resolved ``config``, the ``backbone``/``head`` state dicts (the head
+unsharded), ``optimizer``, ``scheduler``, ``scaler``, ``step``/``epoch``, ``rng`` and ``sampler`` state,
+and ``meta`` (architecture, embedding size, input size, colour order, normalisation). Everything in it is
+tensors and plain Python values, so loading never unpickles code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.fileio import atomic_write
+
+FORMAT_VERSION = 1
+NORMALIZATION = "(x/255 - 0.5) / 0.5"
+STEP_FILE = re.compile(r"step_(\d+)\.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not of this framework's format."""
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` (plus the format version) to ``path`` atomically: a crash leaves the old file."""
+    path = Path(path)
+    with atomic_write(path, "wb") as fh:
+        torch.save({"format_version": FORMAT_VERSION, **state}, fh)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of this framework (no format_version)")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {state['format_version']} is newer than this build's {FORMAT_VERSION}"
+        )
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np_state = state["numpy"]
+    key = np_state["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """``random.setstate`` needs tuples; a saved state may come back with lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def numbered_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
+    """The ``step_N.pt`` files of ``folder``, oldest (smallest N) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.fullmatch(p.name)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def keep_last(folder: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``step_N.pt`` checkpoints in ``folder``; returns the deleted."""
+    found = numbered_checkpoints(folder)
+    stale = found[: max(0, len(found) - keep)]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
+def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
+    """The ``step_N.pt`` with the largest N in ``folder`` (``--resume auto``), or None."""
+    found = numbered_checkpoints(folder)
+    return found[-1] if found else None
