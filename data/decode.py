@@ -1,8 +1,12 @@
 """Image decoding: encoded bytes -> uint8 RGB array, with errors that name the source.
 
-JPEGs go through simplejpeg (libjpeg-turbo, the fastest decoder measured by ``scripts/bench_decode.py``);
-PNG, BMP, PGM and other formats through OpenCV. A corrupt or truncated file is an error, never a partially
-decoded picture.
+JPEGs go through simplejpeg (libjpeg-turbo). ``scripts/bench_decode.py`` on 2,000 real 112x112 face
+crops (2 CPU cores) measured simplejpeg and OpenCV level at about 17-18k images/s, Pillow at about 9k,
+with identical pixels; simplejpeg is used because it returns RGB directly and its strict mode turns
+libjpeg's "premature end of data" warning (a cut-off file, whose missing rows libjpeg would otherwise
+fill with grey) into an error whatever OpenCV build is installed. PNG, BMP, PGM/PPM, TIFF and WebP
+(recognised by their magic bytes) go through OpenCV, which returns nothing for a damaged file. A corrupt
+or truncated file is therefore always an error, never a partially decoded picture.
 """
 
 from __future__ import annotations
@@ -11,44 +15,78 @@ import cv2
 import numpy as np
 import simplejpeg
 
-JPEG_MAGIC = b"\xff\xd8"
-JPEG_END = b"\xff\xd9"
+JPEG_MAGIC = b"\xff\xd8\xff"
+# Formats handed to OpenCV, by the bytes they start with (RIFF containers are checked for WEBP below).
+CV2_MAGICS: dict[bytes, str] = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"BM": "BMP",
+    b"P2": "PGM",
+    b"P5": "PGM",
+    b"P3": "PPM",
+    b"P6": "PPM",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 
 
 class DecodeError(ValueError):
     """Bytes that are not a decodable image; the message names where they came from."""
 
 
+def image_format(buf: bytes) -> str | None:
+    """The format named by the magic bytes: JPEG, PNG, BMP, PGM, PPM, TIFF or WEBP; None if unknown."""
+    head = bytes(buf[:12])
+    if head.startswith(JPEG_MAGIC):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in CV2_MAGICS.items():
+        if head.startswith(magic):
+            return name
+    return None
+
+
 def decode_rgb(buf: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Decode an encoded image to an H x W x 3 uint8 RGB array (grey images get three equal channels)."""
-    if not buf:
+    """Decode an encoded image to an H x W x 3 uint8 RGB array (grey images get three equal channels).
+
+    ``source`` names where the bytes came from (a file path, ``"train.rec key 17"``) for error messages.
+    Raises :class:`DecodeError` for empty, unknown, corrupt or truncated data.
+    """
+    if len(buf) == 0:
         raise DecodeError(f"{source}: empty image data")
-    if buf[:2] == JPEG_MAGIC:
+    fmt = image_format(buf)
+    if fmt is None:
+        head = bytes(buf[:8])
+        raise DecodeError(
+            f"{source}: not a decodable image: unknown format ({len(buf)} bytes, starts with {head!r})"
+        )
+    if fmt == "JPEG":
         return _decode_jpeg(buf, source)
     arr = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_COLOR)
     if arr is None:
-        raise DecodeError(f"{source}: not a decodable image ({len(buf)} bytes, starts with {buf[:8]!r})")
+        raise DecodeError(f"{source}: corrupt or truncated {fmt} ({len(buf)} bytes)")
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def _decode_jpeg(buf: bytes, source: str) -> np.ndarray:
-    # libjpeg fills a truncated scan with grey and only warns; a JPEG must end with its EOI marker
-    # (trailing padding after it is allowed), so a cut-off file is caught before decoding.
-    if JPEG_END not in buf[-64:]:
-        raise DecodeError(f"{source}: truncated JPEG ({len(buf)} bytes, no end-of-image marker)")
     try:
-        return simplejpeg.decode_jpeg(buf, colorspace="RGB")
+        # strict=True is simplejpeg's default today; spelled out because the whole "no grey half-images"
+        # guarantee rests on it.
+        return simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
     except ValueError as err:
-        raise DecodeError(f"{source}: corrupt JPEG ({len(buf)} bytes): {err}") from None
+        kind = "truncated JPEG" if "premature end" in str(err).lower() else "corrupt JPEG"
+        raise DecodeError(f"{source}: {kind} ({len(buf)} bytes): {err}") from None
 
 
 def encode_jpeg(img_rgb: np.ndarray, quality: int = 95) -> bytes:
-    """Encode an H x W x 3 uint8 RGB array (or H x W grey) as JPEG bytes."""
-    img = np.ascontiguousarray(img_rgb)
+    """Encode an H x W x 3 uint8 RGB array (or H x W grey, stored as RGB) as JPEG bytes."""
+    img = np.asarray(img_rgb)
     if img.dtype != np.uint8:
         raise ValueError(f"encode_jpeg needs uint8 pixels, got {img.dtype}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"encode_jpeg quality must be 1..100, got {quality}")
     if img.ndim == 2:
-        img = np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+        img = np.repeat(img[:, :, None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"encode_jpeg needs an H x W x 3 RGB array, got shape {img.shape}")
-    return simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB")
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")

@@ -2,8 +2,15 @@
 
 A ``.bin`` is a pickle of ``(bins, issame)``: ``bins`` holds 2N encoded 112x112 face images (pair k is
 ``bins[2k], bins[2k+1]``), ``issame`` N booleans. The files of the field are often Python-2 pickles, so
-they are read with ``encoding="bytes"`` — and since a pickle can run code, through an unpickler that
-refuses every global except the few that encode bytes, booleans and numpy bool arrays.
+they are read with ``encoding="bytes"`` — and since unpickling can call any importable function, through
+an unpickler that refuses every global except the few listed in :data:`ALLOWED_GLOBALS`.
+
+What real files reference: a protocol-4 file written by Python 3 (``lfw_yunet112.bin``) and a Python-2
+protocol-2 file (``str`` images, ``bool`` flags) name no global at all. The allowed ones cover the other
+two layouts seen in the wild: protocol 0-2 pickles written by Python 3, which store each ``bytes`` as
+``_codecs.encode(text, "latin1")``, and ``issame`` saved as a numpy bool array (``_reconstruct``,
+``ndarray``, ``dtype``) or as a list of numpy bools (``scalar``), under both numpy 1 (``numpy.core``) and
+numpy 2 (``numpy._core``) module names. None of them can reach the file system, a shell or an import.
 
     python -m data.verification info lfw.bin
     python -m data.verification make IMAGE_ROOT pairs.txt out/lfw.bin [--resize]
@@ -28,9 +35,8 @@ from core.cli import run_json_command
 from core.fileio import atomic_write
 from data.decode import decode_rgb, encode_jpeg
 
-PICKLE_PROTOCOL = 4  # what current insightface-layout files use; readable by any Python 3
-# The only globals a verification pickle may name: how Python 3 writes bytes at protocol < 3, and numpy's
-# reconstruction of bool arrays/scalars for `issame` in files written from numpy.
+PICKLE_PROTOCOL = 4  # what lfw_yunet112.bin (and insightface's Python 3 tools) use; readable by any Python 3
+# The only globals a verification pickle may name (see the module docstring for which file needs which).
 ALLOWED_GLOBALS = frozenset(
     {
         ("_codecs", "encode"),
@@ -49,11 +55,14 @@ class VerificationFileError(ValueError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for untrusted ``.bin`` files: Python-2 strings load as bytes, globals are whitelisted."""
+
     def __init__(self, fh: io.BufferedIOBase, path: Path) -> None:
         super().__init__(fh, encoding="bytes")
         self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
+        """Resolve a global only if it is in :data:`ALLOWED_GLOBALS`; anything else is refused unloaded."""
         if (module, name) not in ALLOWED_GLOBALS:
             raise VerificationFileError(
                 f"{self.path}: refused to load global {module}.{name}: a verification .bin holds only "
@@ -73,6 +82,7 @@ class VerificationSet:
 
     @property
     def pairs(self) -> int:
+        """Number of pairs (half the number of images)."""
         return len(self.issame)
 
 
@@ -97,27 +107,49 @@ def read_bin_raw(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]
     for i, item in enumerate(bins):
         if not isinstance(item, (bytes, bytearray)):
             raise VerificationFileError(f"{path}: image {i} is {type(item).__name__}, expected bytes")
-    flags = np.asarray(issame)
-    if flags.ndim != 1 or not (
-        flags.dtype == np.bool_ or all(isinstance(v, (bool, np.bool_)) for v in issame)
-    ):
+    if isinstance(issame, np.ndarray):
+        if issame.ndim != 1 or issame.dtype != np.bool_:
+            raise VerificationFileError(
+                f"{path}: issame must be a flat bool array, got {issame.dtype} of shape {issame.shape}"
+            )
+    elif isinstance(issame, (list, tuple)):
+        for i, flag in enumerate(issame):
+            # 0/1 ints are refused too: a file holding labels where flags belong is probably not a .bin
+            if not isinstance(flag, (bool, np.bool_)):
+                raise VerificationFileError(
+                    f"{path}: issame must be a flat list of booleans, but issame[{i}] is "
+                    f"{type(flag).__name__} {flag!r}"
+                )
+    else:
         raise VerificationFileError(
-            f"{path}: issame must be a flat list of booleans (got dtype {flags.dtype})"
+            f"{path}: issame must be a flat list of booleans, got {type(issame).__name__}"
         )
+    flags = np.asarray(issame, dtype=bool).reshape(-1)
+    if len(flags) == 0:
+        raise VerificationFileError(f"{path}: holds no pairs")
     if len(bins) != 2 * len(flags):
         raise VerificationFileError(
             f"{path}: {len(bins)} images for {len(flags)} pairs; expected exactly 2 images per pair"
         )
-    return [bytes(b) for b in bins], flags.astype(bool)
+    return [bytes(b) for b in bins], flags
 
 
 def load_bin(path: str | os.PathLike[str]) -> VerificationSet:
-    """Read and decode a ``.bin``; all images must have one size."""
+    """Read and decode a ``.bin`` (images RGB, N x 3 x H x W); all images must have one size.
+
+    Undecodable images raise :class:`data.decode.DecodeError` naming ``"<path> image <i>"``.
+    """
     path = Path(path)
     bins, issame = read_bin_raw(path)
-    first = decode_rgb(bins[0], f"{path} image 0") if bins else np.zeros((112, 112, 3), np.uint8)
+    first = decode_rgb(bins[0], f"{path} image 0")
     images = np.empty((len(bins), 3, *first.shape[:2]), dtype=np.uint8)
+    # An image used by several pairs is one shared object in the pickle (memo): decode it once.
+    decoded_at: dict[int, int] = {}
     for i, buf in enumerate(bins):
+        j = decoded_at.setdefault(id(buf), i)
+        if j != i:
+            images[i] = images[j]
+            continue
         img = first if i == 0 else decode_rgb(buf, f"{path} image {i}")
         if img.shape != first.shape:
             size, size0 = f"{img.shape[1]}x{img.shape[0]}", f"{first.shape[1]}x{first.shape[0]}"
@@ -126,11 +158,20 @@ def load_bin(path: str | os.PathLike[str]) -> VerificationSet:
     return VerificationSet(name=path.stem, path=path, images=images, issame=issame)
 
 
-def write_bin(path: str | os.PathLike[str], images: Sequence[bytes], issame: Sequence[bool]) -> None:
-    """Write ``(images, issame)`` in the ``.bin`` layout, atomically."""
-    if len(images) != 2 * len(issame):
-        raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs; need 2 per pair")
-    payload = ([bytes(b) for b in images], [bool(s) for s in issame])
+def write_bin(path: str | os.PathLike[str], jpeg_bytes: Sequence[bytes], issame: Sequence[bool]) -> None:
+    """Write ``(jpeg_bytes, issame)`` in the ``.bin`` layout (pickle protocol 4), atomically.
+
+    Pass the same ``bytes`` object for an image used by several pairs: the pickle then stores it once.
+    """
+    if len(issame) == 0:
+        raise ValueError(f"{path}: no pairs to write")
+    if len(jpeg_bytes) != 2 * len(issame):
+        raise ValueError(f"{path}: {len(jpeg_bytes)} images for {len(issame)} pairs; need 2 per pair")
+    for i, item in enumerate(jpeg_bytes):
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            raise ValueError(f"{path}: image {i} is {type(item).__name__}, expected encoded image bytes")
+    # bytes(b) of a bytes object is that same object, so shared images stay shared in the pickle.
+    payload = ([bytes(b) for b in jpeg_bytes], [bool(s) for s in issame])
     with atomic_write(path, "wb") as fh:
         pickle.dump(payload, fh, protocol=PICKLE_PROTOCOL)
 
@@ -140,6 +181,8 @@ def write_bin(path: str | os.PathLike[str], images: Sequence[bytes], issame: Seq
 
 @dataclass(frozen=True)
 class Pair:
+    """One line of a pairs file: image ``num1`` of ``name1`` against image ``num2`` of ``name2``."""
+
     name1: str
     num1: int
     name2: str
@@ -148,6 +191,7 @@ class Pair:
 
     @property
     def same(self) -> bool:
+        """Whether both images show the same person."""
         return self.name1 == self.name2
 
 
@@ -188,6 +232,7 @@ def find_image(root: Path, name: str, number: int) -> Path | None:
 
 
 def _pair_image_bytes(path: Path, size: int, resize: bool) -> bytes:
+    """The bytes to store for one image: the file itself if it is a ``size`` JPEG, else a re-encoding."""
     data = path.read_bytes()
     img = decode_rgb(data, str(path))
     if img.shape[:2] == (size, size) and data[:2] == b"\xff\xd8":
@@ -211,8 +256,11 @@ def make_bin(
 ) -> dict[str, Any]:
     """Build a ``.bin`` from the images named by an LFW-style pairs file.
 
-    Images should already be aligned ``image_size`` crops (alignment belongs to ``face_alignment``);
-    other sizes are refused unless ``resize``. JPEG crops are stored byte for byte.
+    Images are looked up as ``root/name/name_NNNN.jpg`` (LFW folders) or ``root/name_NNNN.jpg`` (flat
+    folder). They should already be aligned ``image_size`` crops — alignment belongs to
+    ``face_alignment``, not here; another size is an error unless ``resize``, which scales it with
+    ``cv2.INTER_AREA`` and re-encodes it. JPEG crops of the right size are stored byte for byte, other
+    formats are encoded as JPEG. Returns a summary: ``out``, ``pairs``, ``same``, ``images`` (distinct).
     """
     root, pairs_path = Path(image_root), Path(pairs_txt)
     pairs = read_pairs(pairs_path)
@@ -235,19 +283,20 @@ def make_bin(
 
 
 def info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    bins, issame = read_bin_raw(path)
-    shape = list(decode_rgb(bins[0], f"{path} image 0").shape) if bins else None
+    """Summary of a ``.bin``; decodes every image, so it doubles as a full check of the file."""
+    vset = load_bin(path)
     return {
         "path": str(path),
-        "pairs": len(issame),
-        "same": int(issame.sum()),
-        "images": len(bins),
-        "shape": shape,
+        "pairs": vset.pairs,
+        "same": int(vset.issame.sum()),
+        "images": len(vset.images),
+        "shape": list(vset.images.shape),
         "bytes": Path(path).stat().st_size,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``info PATH.bin`` or ``make IMAGE_ROOT PAIRS_TXT OUT.bin [--resize]``; JSON on stdout."""
     parser = argparse.ArgumentParser(prog="python -m data.verification", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="print a JSON summary of a .bin")
