@@ -1,28 +1,101 @@
-"""Train a face-recognition model from a YAML config.
+"""Train a face-recognition model from a YAML config, on one process or under torchrun.
 
-    python train.py --config configs/ms1mv2_r100_arcface.yaml [--set key=value ...] [--dry-run]
+    python train.py --config configs/cpu_tiny.yaml --set data.root=PATH output_dir=DIR
+    torchrun --nproc_per_node=8 train.py --config configs/ms1mv2_r50_arcface.yaml
+    python train.py --config ... --resume auto          # continue DIR/last.pt (fresh start if none)
+    python train.py --config ... --dry-run              # build everything, run 2 steps, report
 
-``--dry-run`` builds everything the config names (backbone, training data, loader), runs two
-forward/backward passes of the backbone on real batches and prints the model size, the number of classes
-and images, and the resolved config. The margin heads and the distributed training loop are assembled here
-once ``heads/`` and ``losses/`` provide them; until then a run without ``--dry-run`` stops with a message.
+The backbone is wrapped in DDP (gradients summed over ranks, see ``core.distributed``); the classifier is
+Partial FC over any registered margin head, its class centres sharded across ranks; the loss is a function
+of the per-sample cross-entropy (``losses``). One optimizer step consumes one global batch of
+``data.batch_size x processes x optim.grad_accum`` images in the order of ``data.sampler``, so a run
+resumes mid-epoch, and on another number of processes with the same global batch, exactly where it
+stopped. ``output_dir`` receives config.yaml, train.log, tensorboard/, step_N.pt, last.pt and best.pt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from backbones import build_backbone
-from core.config import Config, ConfigError, config_to_dict, load_config
+from core.checkpoint import (
+    NORMALIZATION,
+    CheckpointError,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_step_checkpoint,
+)
+from core.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from core.distributed import (
+    any_rank,
+    barrier,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    register_sum_hook,
+    shutdown_distributed,
+)
+from core.extract import backbone_embedder, extract
+from core.logbook import Logbook
+from core.optim import build_optimizer, build_scheduler
 from data.builder import build_train_dataset
+from data.sampler import GlobalBatchSampler, KeyedFaceDataset
 from data.transforms import normalize_batch
+from data.verification import VerificationSet, load_bin
+from heads.partial_fc import PartialFC
+from heads.registry import HEADS
+from losses import LOSSES
+from losses.softmax_losses import inverse_log_frequency_weights
+from validation_hq.protocol import evaluate_pairs, fuse_flip
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, or its input is unusable); the message says where and why."""
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds, built once by :func:`build`."""
+
+    cfg: Config
+    device: torch.device
+    out: Path
+    dataset: KeyedFaceDataset
+    sampler: GlobalBatchSampler
+    backbone: nn.Module  # the bare backbone (what checkpoints hold)
+    model: nn.Module  # the backbone as trained: DDP and/or compiled
+    classifier: PartialFC
+    loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    val_sets: list[VerificationSet]
+    total_steps: int
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best: float = -math.inf
+    bad_steps: int = 0  # non-finite losses in a row
+    skipped_steps: int = 0
+    last_checkpoint: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------- build
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -31,6 +104,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True, help="YAML experiment file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
+    parser.add_argument("--resume", default="", metavar="PATH|auto", help="checkpoint to continue from")
     parser.add_argument("--dry-run", action="store_true", help="build everything, run 2 steps, report")
     return parser.parse_args(argv)
 
@@ -42,44 +116,401 @@ def build_model(cfg: Config) -> nn.Module:
         dropout=cfg.model.dropout,
         precision=cfg.model.precision,
         grad_checkpoint=cfg.model.grad_checkpoint,
+        input_size=cfg.data.image_size,
     )
+
+
+def build_classifier(cfg: Config, num_classes: int) -> PartialFC:
+    HEADS.check_kwargs(cfg.head.name, cfg.head.params, "head.params", fixed=("embedding_size", "num_classes"))
+    return PartialFC(
+        cfg.head.name, cfg.model.embedding_size, num_classes, cfg.head.sample_rate, **cfg.head.params
+    )
+
+
+def build_loss(cfg: Config, labels: np.ndarray, num_classes: int) -> nn.Module:
+    params = dict(cfg.loss.params)
+    LOSSES.check_kwargs(cfg.loss.name, params, "loss.params", fixed=("class_weights",))
+    if cfg.loss.class_weights == "inverse_log_frequency":
+        counts = torch.from_numpy(np.bincount(labels, minlength=num_classes))
+        params["class_weights"] = inverse_log_frequency_weights(counts.clamp(min=1))
+    loss = LOSSES.build(cfg.loss.name, **params)
+    if not hasattr(loss, "reduce"):
+        raise ConfigError(f"loss.name {cfg.loss.name!r} is not a loss on the head's cross-entropy")
+    return loss
+
+
+def load_val_sets(cfg: Config) -> list[VerificationSet]:
+    if not cfg.data.val_root:
+        return []
+    root = Path(cfg.data.val_root)
+    missing = [name for name in cfg.data.val_targets if not (root / f"{name}.bin").is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.val_root {root} has no {', '.join(m + '.bin' for m in missing)}")
+    return [load_bin(root / f"{name}.bin") for name in cfg.data.val_targets]
+
+
+def check_labels(labels: np.ndarray, num_classes: int, root: str) -> None:
+    if labels.size == 0:
+        raise TrainingError(f"data.root {root} holds no images")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise TrainingError(
+            f"data.root {root}: image {int(bad[0])} has label {int(labels[bad[0]])} outside "
+            f"[0, {num_classes}) ({bad.size} such images); the identity header and the labels disagree"
+        )
+
+
+def build(cfg: Config, device: torch.device) -> Run:
+    """Data, model, classifier, loss, optimizer and schedule of ``cfg``, checked before any step."""
+    rank, world = get_rank(), get_world_size()
+    if cfg.train.best_metric != "mean" and cfg.train.best_metric not in cfg.data.val_targets:
+        raise ConfigError(
+            f"train.best_metric {cfg.train.best_metric!r} is neither 'mean' nor in data.val_targets"
+        )
+    faces = build_train_dataset(cfg.data, seed=cfg.experiment.seed)
+    num_classes = faces.num_identities
+    labels = np.asarray(faces.source.labels(), dtype=np.int64)
+    check_labels(labels, num_classes, cfg.data.root)
+    dataset = KeyedFaceDataset(faces, seed=cfg.experiment.seed)
+    sampler = GlobalBatchSampler(
+        len(dataset), cfg.data.batch_size, world, rank, cfg.optim.grad_accum, seed=cfg.experiment.seed
+    )
+    torch.manual_seed(cfg.experiment.seed)  # the same initial weights on every rank
+    backbone = build_model(cfg).to(device)
+    if cfg.model.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    classifier = build_classifier(cfg, num_classes).to(device)
+    loss = build_loss(cfg, labels, num_classes).to(device)
+    model: nn.Module = backbone
+    if world > 1:
+        model = DistributedDataParallel(
+            backbone,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg.model.ddp_bucket_mb,
+            static_graph=cfg.model.ddp_static_graph,
+        )
+        register_sum_hook(model, fp16=cfg.model.ddp_fp16_grads)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(cfg.optim, [backbone, classifier])
+    total_steps = sampler.steps_per_epoch * cfg.train.epochs
+    scheduler = build_scheduler(optimizer, cfg.schedule, sampler.steps_per_epoch, total_steps)
+    scaler = torch.amp.GradScaler(device.type, growth_interval=100) if cfg.model.precision == "fp16" else None
+    return Run(
+        cfg=cfg, device=device, out=Path(cfg.output_dir), dataset=dataset, sampler=sampler,
+        backbone=backbone, model=model, classifier=classifier, loss=loss, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, val_sets=load_val_sets(cfg), total_steps=total_steps,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def seed_step(run: Run) -> None:
+    """Reseed torch from (seed, rank, step): dropout and class sampling after a resume draw what an
+    uninterrupted run would have drawn, without restoring generator states."""
+    seed = np.random.SeedSequence([run.cfg.experiment.seed, get_rank(), run.step]).generate_state(1)[0]
+    torch.manual_seed(int(seed))
+
+
+def forward_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss of one micro-batch: the global-batch loss on the sharded classifier, plus a head's own
+    regulariser (MagFace) as this rank's share of a global mean."""
+    x = normalize_batch(images.to(run.device, non_blocking=True), color=run.cfg.data.color)
+    if run.cfg.model.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    embeddings = run.model(x)
+    ce, all_labels = run.classifier.per_sample_ce(embeddings, labels.to(run.device, non_blocking=True))
+    loss = run.loss.reduce(ce, all_labels)
+    regularizer = getattr(run.classifier.head, "regularizer", None)
+    if regularizer is not None:
+        loss = loss + regularizer(embeddings) / get_world_size()
+    return loss
+
+
+def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (NaN when skipped)."""
+    seed_step(run)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for i, (images, labels, _) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(run.model, "no_sync") else run.model.no_sync()
+        with sync:
+            loss = forward_loss(run, images, labels) / len(micro_batches)
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
+        losses.append(loss.detach())
+    total = float(torch.stack(losses).sum())
+    if any_rank(not math.isfinite(total)):
+        run.optimizer.zero_grad(set_to_none=True)
+        run.bad_steps += 1
+        run.skipped_steps += 1
+        if run.bad_steps >= run.cfg.train.max_bad_steps:
+            labels = micro_batches[-1][1][:16].tolist()
+            raise TrainingError(
+                f"step {run.step}: loss is {total} for {run.bad_steps} steps in a row (labels of the last "
+                f"batch begin {labels}); last good checkpoint: {run.last_checkpoint or 'none written yet'}"
+            )
+        run.scheduler.step()
+        return math.nan
+    run.bad_steps = 0
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    if run.cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.backbone.parameters(), run.cfg.optim.grad_clip)
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    return total
+
+
+def micro_batch_groups(loader: DataLoader, size: int) -> Iterator[list[Any]]:
+    group: list[Any] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def train_one_epoch(run: Run, log: Logbook, limit: int) -> None:
+    """Run epoch ``run.epoch`` from ``run.step_in_epoch`` on, validating and saving as configured, until
+    the epoch ends or ``run.step`` reaches ``limit``."""
+    cfg = run.cfg
+    run.sampler.set_epoch(run.epoch, run.step_in_epoch)
+    loader = DataLoader(
+        run.dataset,
+        batch_sampler=run.sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=run.device.type == "cuda",
+    )
+    run.backbone.train()
+    run.classifier.train()
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    for micro_batches in micro_batch_groups(loader, cfg.optim.grad_accum):
+        loss = train_step(run, micro_batches)
+        run.step += 1
+        run.step_in_epoch += 1
+        if math.isfinite(loss):
+            window_loss, window_steps = window_loss + loss, window_steps + 1
+        log.progress(1, {"loss": f"{loss:.3f}", "lr": f"{run.optimizer.param_groups[0]['lr']:.4g}"})
+        if run.step % cfg.train.log_every == 0 or run.step == limit:
+            elapsed = time.perf_counter() - window_start
+            report(run, log, window_loss / max(1, window_steps), window_steps, elapsed)
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        at_end = run.step == limit or run.step == run.total_steps
+        if cfg.train.val_every and run.step % cfg.train.val_every == 0 and not at_end:
+            validate_and_log(run, log)
+        if run.step % cfg.train.save_every == 0 and not at_end:
+            save(run, log)
+        if run.step >= limit:
+            break
+    if run.step_in_epoch == run.sampler.steps_per_epoch:
+        run.epoch, run.step_in_epoch = run.epoch + 1, 0
+
+
+def report(run: Run, log: Logbook, loss: float, steps: int, elapsed: float) -> None:
+    images = steps * run.sampler.global_batch
+    values = {
+        "train/loss": loss,
+        "train/lr": run.optimizer.param_groups[0]["lr"],
+        "train/images_per_s": images / elapsed if elapsed > 0 else 0.0,
+        "train/skipped_steps": float(run.skipped_steps),
+    }
+    if run.scaler:
+        values["train/grad_scale"] = float(run.scaler.get_scale())
+    for name, buffer in run.classifier.head.named_buffers():
+        if buffer.ndim == 0:  # AdaFace batch_mean/batch_std, CurricularFace t
+            values[f"head/{name}"] = float(buffer)
+    log.scalars(run.step, values)
+    text = " ".join(f"{k.split('/')[1]} {v:.5g}" for k, v in values.items())
+    log.line(f"epoch {run.epoch} step {run.step}/{run.total_steps} {text}")
+
+
+# --------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(run: Run) -> dict[str, dict[str, float]]:
+    """10-fold accuracy (SPEC §5.2, flip-sum fusion) on every validation set. Every rank embeds its share
+    of the images and receives all features, so no rank waits on another past the collective timeout."""
+    run.backbone.eval()
+    embedder = backbone_embedder(run.backbone, run.device, color=run.cfg.data.color)
+    results = {}
+    for val in run.val_sets:
+        original, flipped = extract(embedder, val.images, run.cfg.train.val_batch_size, flip=True, shard=True)
+        metrics = evaluate_pairs(fuse_flip(original, flipped, "sum"), val.issame)
+        results[val.name] = {
+            "accuracy": metrics["accuracy"],
+            "accuracy_std": metrics["accuracy_std"],
+            "val_at_far": metrics["val"],
+            "feature_norm": float(np.linalg.norm(original, axis=1).mean()),
+        }
+    run.backbone.train()
+    return results
+
+
+def validate_and_log(run: Run, log: Logbook) -> bool:
+    """Evaluate, log, and tell whether this is the best result so far (by ``train.best_metric``)."""
+    if not run.val_sets:
+        return False
+    results = evaluate(run)
+    for name, metrics in results.items():
+        log.scalars(run.step, {f"val/{name}_{key}": value for key, value in metrics.items()})
+    mean = float(np.mean([m["accuracy"] for m in results.values()]))
+    log.scalars(run.step, {"val/mean_accuracy": mean})
+    table = " ".join(
+        f"{n} {m['accuracy'] * 100:.2f}±{m['accuracy_std'] * 100:.2f}" for n, m in results.items()
+    )
+    log.line(f"validation step {run.step}: {table} mean {mean * 100:.2f}")
+    metric = mean if run.cfg.train.best_metric == "mean" else results[run.cfg.train.best_metric]["accuracy"]
+    if metric > run.best:
+        run.best = metric
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------------ save/resume
+
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    """The checkpoint dict (DESIGN.md): every rank must call it (the classifier shards are gathered)."""
+    cfg = run.cfg
+    return {
+        "config": config_to_dict(cfg),
+        "backbone": run.backbone.state_dict(),
+        "head": run.classifier.state_dict(),
+        "optimizer": run.classifier.optimizer_state_dict(run.optimizer),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "step": run.step,
+        "epoch": run.epoch,
+        "sampler": {
+            "epoch": run.epoch,
+            "step_in_epoch": run.step_in_epoch,
+            "global_batch": run.sampler.global_batch,
+            "seed": cfg.experiment.seed,
+        },
+        "rng": rng_state(),
+        "train": {"best": run.best, "skipped_steps": run.skipped_steps},
+        "meta": {
+            "arch": cfg.model.backbone,
+            "embedding_size": cfg.model.embedding_size,
+            "input_size": cfg.data.image_size,
+            "color": cfg.data.color,
+            "normalization": NORMALIZATION,
+            "num_classes": run.classifier.num_classes,
+            "head": cfg.head.name,
+        },
+    }
+
+
+def save(run: Run, log: Logbook, best: bool = False) -> None:
+    state = checkpoint_state(run)  # a collective: every rank takes part, rank 0 writes
+    if get_rank() == 0:
+        save_step_checkpoint(run.out, run.step, state, run.cfg.train.keep_last, best)
+    run.last_checkpoint = run.out / f"step_{run.step}.pt"
+    log.line(f"saved {run.last_checkpoint}" + (" (best)" if best else ""))
+
+
+def resume(run: Run, path: Path) -> str:
+    """Continue from checkpoint ``path``: weights, head buffers, optimizer, schedule, scaler, position.
+    Returns the line to log."""
+    state = load_checkpoint(path, map_location=run.device)
+    sampler = state["sampler"]
+    if sampler["global_batch"] != run.sampler.global_batch:
+        raise CheckpointError(
+            f"{path}: trained with a global batch of {sampler['global_batch']} images, this run has "
+            f"{run.sampler.global_batch} ({run.cfg.data.batch_size} per process x {get_world_size()} "
+            f"processes x {run.cfg.optim.grad_accum} accumulated); set data.batch_size or optim.grad_accum "
+            "so they match"
+        )
+    if sampler["seed"] != run.cfg.experiment.seed:
+        raise CheckpointError(
+            f"{path}: trained with seed {sampler['seed']}, this run has {run.cfg.experiment.seed}"
+        )
+    old = config_to_dict(config_from_dict(state["config"], source=str(path)))
+    changed = [f"{s}.{k}" for s, v in config_to_dict(run.cfg).items() if isinstance(v, dict)
+               for k in v if old.get(s, {}).get(k) != v[k]]  # fmt: skip
+    run.backbone.load_state_dict(state["backbone"])
+    run.classifier.load_state_dict(state["head"])
+    run.classifier.load_optimizer_state_dict(run.optimizer, state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.epoch, run.step_in_epoch = state["step"], sampler["epoch"], sampler["step_in_epoch"]
+    run.best, run.skipped_steps = state["train"]["best"], state["train"]["skipped_steps"]
+    run.last_checkpoint = path
+    return f"resumed {path} at epoch {run.epoch} step {run.step}" + (
+        f"; changed: {changed}" if changed else ""
+    )
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) -> Run:
+    """Build, resume if asked, train to the end (or ``train.max_steps``), validate and save."""
+    device = device or init_distributed()
+    run = build(cfg, device)
+    rank0 = get_rank() == 0
+    if rank0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run.out / "config.yaml")
+    path = resolve_resume(resume_from, run.out) if resume_from else None
+    note = resume(run, path) if path is not None else None
+    if note is None and resume_from == "auto":
+        note = f"no checkpoint in {run.out}; starting fresh"
+    log = Logbook(run.out, run.total_steps, start_step=run.step, enabled=rank0)
+    try:
+        if note:
+            log.line(note)
+        log.line(
+            f"{cfg.model.backbone} + {cfg.head.name}: {run.dataset.num_images} images, "
+            f"{run.classifier.num_classes} classes, {get_world_size()} processes, global batch "
+            f"{run.sampler.global_batch}, {run.sampler.steps_per_epoch} steps/epoch, {run.total_steps} steps"
+        )
+        limit = min(run.total_steps, cfg.train.max_steps or run.total_steps)
+        while run.step < limit:
+            train_one_epoch(run, log, limit)
+        best = validate_and_log(run, log)
+        save(run, log, best=best)
+        barrier()
+    finally:
+        log.close()
+    return run
 
 
 def dry_run(cfg: Config, steps: int = 2) -> dict[str, object]:
-    """Build the model and the data, run ``steps`` forward/backward passes, return what was seen."""
-    torch.manual_seed(cfg.experiment.seed)
-    dataset = build_train_dataset(cfg.data, seed=cfg.experiment.seed)
-    model = build_model(cfg)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        num_workers=cfg.data.num_workers,
-        drop_last=False,
-    )
-    model.train()
-    seen = 0
-    start = time.perf_counter()
-    for step, (images, labels) in enumerate(loader):
-        if step == steps:
+    """Build everything, run ``steps`` optimizer steps without saving, return what was seen."""
+    run = build(cfg, init_distributed())
+    run.sampler.set_epoch(0)
+    loader = DataLoader(run.dataset, batch_sampler=run.sampler, num_workers=cfg.data.num_workers)
+    start, losses = time.perf_counter(), []
+    for i, micro_batches in enumerate(micro_batch_groups(loader, cfg.optim.grad_accum)):
+        if i == steps:
             break
-        x = normalize_batch(images, color=cfg.data.color)
-        embeddings = model(x)
-        # Without a head, the squared embedding norm stands in for a loss to exercise backward.
-        embeddings.pow(2).mean().backward()
-        model.zero_grad(set_to_none=True)
-        seen += labels.numel()
+        losses.append(train_step(run, micro_batches))
+        run.step += 1
     elapsed = time.perf_counter() - start
+    with torch.no_grad():
+        run.backbone.eval()
+        embedding = run.backbone(normalize_batch(micro_batches[0][0].to(run.device), cfg.data.color))
     return {
         "backbone": cfg.model.backbone,
-        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "embedding": list(embeddings.shape),
-        "classes": dataset.num_identities,
-        "images": dataset.num_images,
-        "steps": min(steps, len(loader)),
-        "images_per_s": round(seen / elapsed, 1) if elapsed > 0 else None,
+        "parameters_M": round(sum(p.numel() for p in run.backbone.parameters()) / 1e6, 3),
+        "head": cfg.head.name,
+        "head_parameters_M": round(run.classifier.head.weight.numel() / 1e6, 3),
+        "embedding": list(embedding.shape),
+        "classes": run.classifier.num_classes,
+        "images": run.dataset.num_images,
+        "global_batch": run.sampler.global_batch,
+        "steps_per_epoch": run.sampler.steps_per_epoch,
+        "steps": len(losses),
+        "losses": [round(v, 4) for v in losses],
+        "images_per_s": round(len(losses) * run.sampler.global_batch / elapsed, 1) if elapsed > 0 else None,
     }
 
 
@@ -87,22 +518,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as err:
+        if args.dry_run:
+            for key, value in dry_run(cfg).items():
+                print(f"{key}: {value}")
+            return 0
+        fit(cfg, args.resume)
+    except (ConfigError, CheckpointError, TrainingError) as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        print(
-            "train.py: the training loop needs the margin heads and losses, which this build does not "
-            "have yet; run with --dry-run to check the config, model and data.",
-            file=sys.stderr,
-        )
-        return 2
-    report = dry_run(cfg)
-    print(f"config: {args.config}")
-    for section, values in config_to_dict(cfg).items():
-        print(f"  {section}: {values}")
-    for key, value in report.items():
-        print(f"{key}: {value}")
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,40 @@ def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
     """The ``step_N.pt`` with the largest N in ``folder`` (``--resume auto``), or None."""
     found = numbered_checkpoints(folder)
     return found[-1] if found else None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` atomically (hard link, or a copy where links fail)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_step_checkpoint(
+    folder: str | os.PathLike[str], step: int, state: dict[str, Any], keep: int, best: bool = False
+) -> Path:
+    """Write ``step_N.pt``, point ``last.pt`` (and ``best.pt`` when ``best``) at it, keep the ``keep``
+    newest numbered files. ``last.pt``/``best.pt`` are hard links, so pruning never removes them."""
+    folder = Path(folder)
+    path = save_checkpoint(folder / f"step_{step}.pt", state)
+    _link_or_copy(path, folder / "last.pt")
+    if best:
+        _link_or_copy(path, folder / "best.pt")
+    keep_last(folder, max(1, keep))
+    return path
+
+
+def resolve_resume(spec: str, folder: str | os.PathLike[str]) -> Path | None:
+    """``--resume`` argument to a file: ``auto`` is ``folder/last.pt`` (else the newest ``step_N.pt``, else
+    None: a fresh start); anything else is a path that must exist."""
+    if spec == "auto":
+        last = Path(folder) / "last.pt"
+        return last if last.is_file() else latest_checkpoint(folder)
+    path = Path(spec)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint to resume from not found")
+    return path

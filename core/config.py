@@ -29,12 +29,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from core.fileio import atomic_write
+from core.registry import ConfigError  # one error type for schema and registry-parameter checks
 
 BASE_KEY = "_base_"
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names where."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -59,7 +56,6 @@ def _yaml_load(text: str) -> Any:
 @dataclass
 class ExperimentConfig:
     name: str = "default"
-    output_dir: str = "work_dirs/default"
     seed: int = 2048
 
 
@@ -76,9 +72,10 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    # RecordIO: folder holding train.rec/train.idx; folder: root/<identity>/<img>.
+    # RecordIO: a .rec file, its prefix (x for x.rec/x.idx) or a folder holding train.rec/train.idx;
+    # folder: root/<identity>/<img>. ``auto`` takes a RecordIO when root names one, else the folder.
     root: str = ""
-    format: Literal["rec", "folder"] = "rec"
+    format: Literal["auto", "rec", "folder"] = "auto"
     # Colour order the network sees; a checkpoint records it (insightface rgb, AdaFace bgr).
     color: Literal["rgb", "bgr"] = "rgb"
     image_size: int = 112
@@ -102,33 +99,32 @@ class ModelConfig:
     grad_checkpoint: bool = False
     channels_last: bool = False
     compile: bool = False
+    # DDP: static graph (a fixed set of used parameters), gradient bucket size, fp16 gradient all-reduce.
+    ddp_static_graph: bool = True
+    ddp_bucket_mb: int = 25
+    ddp_fp16_grads: bool = False
 
 
 @dataclass
 class HeadConfig:
-    """Margin head. ``s``/``m`` are the scale and margin of the named method (SPEC §3)."""
+    """Margin head by registry name. ``params`` go to its constructor (checked against its signature when
+    the head is built), so a head's own defaults apply: CosFace m 0.4, ArcFace m 0.5, AdaFace m 0.4, ..."""
 
     name: str = "arcface"
-    s: float = 64.0
-    m: float = 0.5
-    # Combined margin cos(m1*theta + m2) - m3 (insightface).
-    m1: float = 1.0
-    m2: float = 0.5
-    m3: float = 0.0
-    arcface_variant: Literal["exact", "clip", "fallback", "straight_through"] = "exact"
-    easy_margin: bool = False
-    # AdaFace / FRABSM: norm concentration h and EMA momentum of the batch norm statistics.
-    h: float = 0.333
-    t_alpha: float = 0.01
+    params: dict[str, Any] = field(default_factory=dict)
     # Partial FC: fraction of negative class centres sampled per step (1.0 = all).
     sample_rate: float = 1.0
 
 
 @dataclass
 class LossConfig:
+    """Loss on the per-sample cross-entropy of the head's logits (cross_entropy, focal, frabsm_weight).
+    ``params`` go to its constructor; ``class_weights: inverse_log_frequency`` weights classes by
+    1 / log(1 + images of the class), computed from the data."""
+
     name: str = "cross_entropy"
-    focal_gamma: float = 2.0
-    class_weights: list[float] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    class_weights: Literal["none", "inverse_log_frequency"] = "none"
 
 
 @dataclass
@@ -158,16 +154,22 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 20
-    log_every: int = 50
-    val_every: int = 2000
-    save_every: int = 2000
+    log_every: int = 50  # steps between log lines / TensorBoard scalars
+    val_every: int = 2000  # steps between validations (0: only at the end)
+    val_batch_size: int = 256
+    save_every: int = 2000  # steps between checkpoints (a final one is always written)
     keep_last: int = 3
-    best_metric: str = "lfw"
-    resume: str = ""
+    # Validation result that picks best.pt: a .bin name (``lfw``), or ``mean`` over val_targets.
+    best_metric: str = "mean"
+    # A non-finite loss skips the step; this many in a row abort the run.
+    max_bad_steps: int = 5
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); the schedule is unchanged
 
 
 @dataclass
 class Config:
+    # Checkpoints, config.yaml, train.log and TensorBoard files of the run go here.
+    output_dir: str = "work_dirs/default"
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

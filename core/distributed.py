@@ -6,8 +6,13 @@ code runs in tests, on a laptop and under torchrun.
 
 from __future__ import annotations
 
+import datetime
+import os
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -20,6 +25,85 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1) and return this process's device.
+
+    NCCL with one GPU per process when CUDA is present, gloo on CPUs. Without torchrun (no
+    ``WORLD_SIZE``) this is a single process on ``cuda:0`` or the CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not is_distributed():
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    return device
+
+
+def shutdown_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable Python values only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective decision)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sum_hook(fp16: bool):
+    """DDP communication hook that sums gradients over ranks (optionally all-reduced in fp16)."""
+
+    def hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
+        sent = buffer.to(torch.float16) if fp16 else buffer
+        future = dist.all_reduce(sent, async_op=True).get_future()
+
+        def finish(fut: torch.futures.Future) -> torch.Tensor:
+            reduced = fut.value()[0]
+            return buffer.copy_(reduced) if fp16 else reduced
+
+        return future.then(finish)
+
+    return hook
+
+
+def register_sum_hook(model: nn.Module, fp16: bool = False) -> None:
+    """Make a DDP model *sum* gradients over ranks instead of averaging them.
+
+    Each rank's loss here is already the loss of the global batch (Partial FC gathers every rank's
+    samples), so the gradient of the global loss is the sum of the ranks' gradients. ``fp16`` halves the
+    traffic as arcface_torch's compression hook does.
+    """
+    model.register_comm_hook(state=None, hook=_sum_hook(fp16))
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

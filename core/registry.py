@@ -13,10 +13,15 @@ Parts register themselves with a decorator; configs name them by string::
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound=Callable[..., Any])
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names where."""
 
 
 class UnknownNameError(KeyError):
@@ -57,6 +62,26 @@ class Registry:
 
     def build(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)
+
+    def check_kwargs(
+        self, name: str, kwargs: dict[str, Any], where: str, fixed: tuple[str, ...] = ()
+    ) -> None:
+        """Refuse keyword arguments the factory of ``name`` does not take, naming the config key ``where``
+        and the closest parameter. ``fixed``: parameters the caller supplies itself (not configurable)."""
+        params = inspect.signature(self.get(name)).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        accepted = [
+            p for p in params if p not in fixed and params[p].kind is not inspect.Parameter.VAR_POSITIONAL
+        ]
+        for key in kwargs:
+            if key in fixed:
+                raise ConfigError(f"{where}.{key} is set from the data and the model, not in the config")
+            if key not in accepted:
+                close = difflib.get_close_matches(key, accepted, n=1)
+                hint = f"; did you mean {where}.{close[0]}?" if close else ""
+                takes = ", ".join(accepted) or "nothing"
+                raise ConfigError(f"unknown key {where}.{key}: {self.kind} {name!r} takes {takes}{hint}")
 
     def names(self) -> list[str]:
         return sorted(self._factories)

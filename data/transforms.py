@@ -177,7 +177,10 @@ class FaceTransform:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_rng": None, "_rng_key": None}  # workers derive their own stream
 
-    def __call__(self, buf: bytes, source: str = "<bytes>") -> torch.Tensor:
+    def __call__(
+        self, buf: bytes, source: str = "<bytes>", rng: np.random.Generator | None = None
+    ) -> torch.Tensor:
+        """``rng``: the augmentation stream for this image (default: this worker's stream)."""
         img = decode_rgb(buf, source)
         if img.shape[:2] != (self.image_size, self.image_size):
             raise ValueError(
@@ -185,7 +188,7 @@ class FaceTransform:
                 f"{self.image_size}x{self.image_size} face"
             )
         if self.train:
-            img = augment(img, self.cfg, self.rng)
+            img = augment(img, self.cfg, rng if rng is not None else self.rng)
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 

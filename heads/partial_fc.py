@@ -8,8 +8,9 @@ of the positive classes in the global batch plus random negatives, up to ``sampl
 Any registered margin head works inside: per-sample statistics (AdaFace's norm EMA, CurricularFace's t)
 are computed from the global batch, so they equal the single-process values. The loss and its gradients
 are those of the mean cross-entropy over the global batch: with ``sample_rate = 1`` they equal a single
-process holding all classes (tested with 2 gloo ranks). A training loop under DDP, which averages
-backbone gradients over ranks, multiplies the loss by the world size to keep that scale.
+process holding all classes (tested with 2 gloo ranks). Each rank's backbone gradient is then that of the
+global loss through its own samples, so a DDP loop must *sum* them over ranks
+(``core.distributed.register_sum_hook``), not average them.
 
 ``state_dict`` is unsharded (every rank must call it: it gathers the shards) and ``load_state_dict``
 takes an unsharded one, so a checkpoint moves between world sizes.
@@ -36,10 +37,10 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):
-    """Mean softmax cross-entropy over logits split by columns across ranks.
+    """Per-sample softmax cross-entropy (N,) over logits split by columns across ranks.
 
-    ``labels`` are local column indices, -1 where the class lives on another rank. Backward gives the
-    exact gradient (softmax - onehot) / N for this rank's columns.
+    ``labels`` are local column indices, -1 where the class lives on another rank. Every rank returns the
+    same vector; backward gives the exact gradient (softmax - onehot) * dL/dCE_i for this rank's columns.
     """
 
     @staticmethod
@@ -54,7 +55,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         target_logit = torch.where(here, logits.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
         target_logit = all_reduce(target_logit, "sum")
         ctx.save_for_backward(prob, labels)
-        return (torch.log(denom) + row_max - target_logit).mean()
+        return torch.log(denom) + row_max - target_logit
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -62,7 +63,7 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         rows = torch.nonzero(labels >= 0).squeeze(1)
         grad_logits = prob.clone()
         grad_logits[rows, labels[rows]] -= 1.0
-        return grad_logits * (grad / prob.shape[0]), None
+        return grad_logits * grad.unsqueeze(1), None
 
 
 class PartialFC(nn.Module):
@@ -91,6 +92,15 @@ class PartialFC(nn.Module):
         self.last_index: torch.Tensor | None = None  # local classes scored in the last step (for tests/logs)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the global batch."""
+        return self.per_sample_ce(embeddings, labels)[0].mean()
+
+    def per_sample_ce(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy of every sample of the global batch, their labels), the same on every rank:
+        rank r's samples come r-th. Any function of this vector (focal, FRABSM weight) has exact
+        gradients for the centres of this shard and for every rank's embeddings."""
         check_inputs("PartialFC", embeddings, labels, self.embedding_size, self.num_classes)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             all_embeddings = all_gather_with_grad(embeddings.to(compute_dtype(embeddings)))
@@ -109,7 +119,7 @@ class PartialFC(nn.Module):
             cos_y_all = torch.where(here, self.head.target_cos(cos, local).detach(), 0.0)
             cos_y_all = all_reduce(cos_y_all, "sum")
             logits = self.head.logits(cos, local, all_embeddings.norm(dim=1), cos_y_all)
-            return _ShardedCrossEntropy.apply(logits, local)
+            return _ShardedCrossEntropy.apply(logits, local), all_labels
 
     def _sample(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local class indices to score (all positives + random negatives) and the labels remapped."""
@@ -141,3 +151,33 @@ class PartialFC(nn.Module):
         local = dict(state_dict)
         local["weight"] = full[self.class_start : self.class_start + self.num_local]
         return self.head.load_state_dict(local, strict=strict, assign=assign)
+
+    # -- optimizer state of the shard ---------------------------------------------------------------
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()`` with the per-class state of the centres (momentum, Adam moments)
+        gathered to all classes, so it loads at any world size (every rank must call it)."""
+        state = optimizer.state_dict()
+        state["state"] = {k: dict(v) for k, v in state["state"].items()}  # never touch the live state
+        for index in self._weight_indices(optimizer):
+            per_param = state["state"].get(index, {})
+            for key, value in per_param.items():
+                if torch.is_tensor(value) and value.shape[:1] == (self.num_local,):
+                    per_param[key] = torch.cat(all_gather_padded(value.detach()))
+        return state
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load an unsharded state from :meth:`optimizer_state_dict`: this rank takes its classes."""
+        state = {
+            "state": {k: dict(v) for k, v in state["state"].items()},
+            "param_groups": state["param_groups"],
+        }
+        for index in self._weight_indices(optimizer):
+            for key, value in state["state"].get(index, {}).items():
+                if torch.is_tensor(value) and value.shape[:1] == (self.num_classes,):
+                    state["state"][index][key] = value[self.class_start : self.class_start + self.num_local]
+        optimizer.load_state_dict(state)
+
+    def _weight_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return [i for i, p in enumerate(params) if p is self.head.weight]

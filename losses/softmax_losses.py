@@ -1,6 +1,8 @@
 """Losses on margin-head logits: cross-entropy, focal loss, the FRABSM mining weight (SPEC §3.7, §3.9).
 
-All take logits (N, C), already multiplied by the head's scale, and int64 labels (N,).
+All take logits (N, C), already multiplied by the head's scale, and int64 labels (N,). Each is a function of
+the per-sample cross-entropy, exposed as ``reduce(ce, labels)``: the training loop feeds it the per-sample
+CE that Partial FC computes across class shards, so every loss here works on a sharded classifier.
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ class CrossEntropy(nn.Module):
         )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _weighted_mean(per_sample_ce(logits, labels, "cross_entropy"), labels, self.class_weights)
+        return self.reduce(per_sample_ce(logits, labels, "cross_entropy"), labels)
+
+    def reduce(self, ce: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss from per-sample cross-entropies ``ce`` (N,) of samples with ``labels`` (N,)."""
+        return _weighted_mean(ce, labels, self.class_weights)
 
 
 @LOSSES.register("focal")
@@ -69,7 +75,9 @@ class FocalLoss(CrossEntropy):
         self.gamma = gamma
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = per_sample_ce(logits, labels, "focal")
+        return self.reduce(per_sample_ce(logits, labels, "focal"), labels)
+
+    def reduce(self, ce: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         focal = (1.0 - torch.exp(-ce)).pow(self.gamma) * ce
         return _weighted_mean(focal, labels, self.class_weights)
 
@@ -97,7 +105,9 @@ class FRABSMLoss(nn.Module):
         return base if self.alpha <= 1.0 else 7.0 * base / (7.0 + self.alpha)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = per_sample_ce(logits, labels, "frabsm_weight")
+        return self.reduce(per_sample_ce(logits, labels, "frabsm_weight"), labels)
+
+    def reduce(self, ce: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.reduction == "batch":
             mean = ce.mean()
             return self.weight(torch.exp(-mean)) * mean

@@ -66,7 +66,7 @@ def main() -> int:
     import train  # the entry point itself, so the demo exercises exactly what users launch
 
     print(f"[3/3] python train.py --config {args.config} --dry-run")
-    overrides = [f"data.root={rec.parent}", f"experiment.output_dir={args.out}"]
+    overrides = [f"data.root={rec.parent}", f"output_dir={args.out}"]
     status = train.main(["--config", str(args.config), "--set", *overrides, "--dry-run"])
     print(
         json.dumps({"training_rec": str(rec), "lfw_bin": str(lfw_bin), "config": str(args.config)}, indent=2)

@@ -1,0 +1,68 @@
+"""Batched embedding extraction shared by training-time validation and the evaluators.
+
+An *embedder* maps a uint8 RGB batch (N, 3, H, W) to features (N, D). :func:`backbone_embedder` makes one
+from a backbone (normalisation and colour order applied on the device, eval mode, no grad).
+:func:`extract` runs an embedder over an image array (and its horizontal flips) in fixed batches; with
+``shard=True`` under torch.distributed every rank embeds a contiguous block and the blocks are gathered, so
+all ranks take part (none waits past the collective timeout) and all get the same features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.distributed import all_gather_padded, get_rank, get_world_size
+from data.transforms import normalize_batch
+
+Embedder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def backbone_embedder(model: nn.Module, device: torch.device, color: str = "rgb") -> Embedder:
+    """uint8 RGB batch -> float32 un-normalised embeddings of ``model`` (put in eval mode by the caller)."""
+
+    @torch.no_grad()
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        x = normalize_batch(images.to(device, non_blocking=True), color=color)
+        return model(x).float()
+
+    return embed
+
+
+def extract(
+    embedder: Embedder,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 256,
+    flip: bool = True,
+    shard: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features of ``images``, features of their horizontal flips or None), float32 (N, D) arrays.
+
+    Batches are fixed slices of the input, so the features do not depend on the batch size beyond
+    floating-point noise (eval-mode models treat samples independently).
+    """
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"extract expects uint8 N x 3 x H x W images, got {images.dtype} {tuple(images.shape)}"
+        )
+    n = images.shape[0]
+    rank, world = (get_rank(), get_world_size()) if shard else (0, 1)
+    if n < world:
+        raise ValueError(f"{n} images cannot be shared by {world} processes")
+    start, stop = rank * n // world, (rank + 1) * n // world
+    original, flipped = [], []
+    for i in range(start, stop, batch_size):
+        batch = images[i : min(i + batch_size, stop)]
+        original.append(embedder(batch).float().cpu())
+        if flip:
+            flipped.append(embedder(batch.flip(3)).float().cpu())
+
+    def gather(parts: list[torch.Tensor]) -> np.ndarray:
+        local = torch.cat(parts)
+        return (torch.cat(all_gather_padded(local)) if world > 1 else local).numpy()
+
+    return gather(original), gather(flipped) if flip else None

@@ -1,0 +1,101 @@
+"""The training order: global batches that resume mid-epoch and do not depend on the number of processes.
+
+Epoch e visits the images in the permutation drawn from ``(seed, e)``, cut into global batches of
+G = batch_size x world_size x grad_accum images (the last partial batch is dropped). Global batch b is cut
+into chunks of ``batch_size``; rank r's micro-batch a is chunk ``r * grad_accum + a``. So 2 processes with
+64 images each see exactly the images 1 process sees with 2 accumulated micro-batches of 64.
+
+Every image's augmentation is drawn from its own generator seeded by ``(seed, epoch, index)``: which
+rank or DataLoader worker decodes it does not matter, and a resumed run draws what an uninterrupted one
+would have drawn. Resuming needs only ``(epoch, step_in_epoch)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from data.transforms import FaceDataset, describe
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this rank's micro-batches as lists of ``(epoch, image index)`` keys."""
+
+    def __init__(
+        self,
+        num_images: int,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if min(batch_size, world_size, grad_accum) < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"bad sampler geometry: batch {batch_size}, rank {rank} of {world_size}, accum {grad_accum}"
+            )
+        self.num_images, self.batch_size = num_images, batch_size
+        self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = batch_size * world_size * grad_accum
+        if self.global_batch > num_images:
+            raise ValueError(
+                f"the global batch of {self.global_batch} images ({batch_size} per process x {world_size} "
+                f"processes x {grad_accum} accumulated) is larger than the dataset's {num_images} images"
+            )
+        self.steps_per_epoch = num_images // self.global_batch
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its optimizer step ``start_step`` on (mid-epoch resume)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start step {start_step} outside [0, {self.steps_per_epoch}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_images)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.order(self.epoch)
+        for step in range(self.start_step, self.steps_per_epoch):
+            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
+            for a in range(self.grad_accum):
+                chunk = self.rank * self.grad_accum + a
+                part = batch[chunk * self.batch_size : (chunk + 1) * self.batch_size]
+                yield [(self.epoch, int(i)) for i in part]
+
+
+class KeyedFaceDataset(Dataset):
+    """``dataset[(epoch, i)] -> (uint8 image, label, i)`` with image i's augmentation seeded by
+    ``(seed, epoch, i)``; the index comes back for per-image bookkeeping (difficulty scores)."""
+
+    def __init__(self, dataset: FaceDataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    @property
+    def num_images(self) -> int:
+        return self.dataset.num_images
+
+    @property
+    def num_identities(self) -> int:
+        return self.dataset.num_identities
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        epoch, i = key
+        source = self.dataset.source
+        buf, label = source[i]
+        rng = np.random.default_rng([self.seed, epoch, i])
+        image = self.dataset.transform(buf, describe(source, i), rng=rng)
+        return image, torch.tensor(label, dtype=torch.int64), i
