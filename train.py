@@ -53,10 +53,13 @@ from core.distributed import (
 from core.extract import backbone_embedder, extract
 from core.logbook import Logbook
 from core.optim import build_optimizer, build_scheduler
+from core.registry import UnknownNameError
+from data import image_folder, recordio
 from data.builder import build_train_dataset
+from data.decode import DecodeError
 from data.sampler import GlobalBatchSampler, KeyedFaceDataset
 from data.transforms import normalize_batch
-from data.verification import VerificationSet, load_bin
+from data.verification import VerificationFileError, VerificationSet, load_bin
 from heads.partial_fc import PartialFC
 from heads.registry import HEADS
 from losses import LOSSES
@@ -66,6 +69,13 @@ from validation_hq.protocol import evaluate_pairs, fuse_flip
 
 class TrainingError(RuntimeError):
     """The run cannot go on (diverged, or its input is unusable); the message says where and why."""
+
+
+# Errors about the user's input (config, data, checkpoint): reported in one line, without a traceback.
+INPUT_ERRORS = (
+    ConfigError, CheckpointError, TrainingError, UnknownNameError, FileNotFoundError, DecodeError,
+    recordio.RecordIOError, recordio.FolderLayoutError, image_folder.FolderLayoutError, VerificationFileError,
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -123,8 +133,9 @@ def build_model(cfg: Config) -> nn.Module:
 def build_classifier(cfg: Config, num_classes: int) -> PartialFC:
     HEADS.check_kwargs(cfg.head.name, cfg.head.params, "head.params", fixed=("embedding_size", "num_classes"))
     return PartialFC(
-        cfg.head.name, cfg.model.embedding_size, num_classes, cfg.head.sample_rate, **cfg.head.params
-    )
+        cfg.head.name, cfg.model.embedding_size, num_classes, cfg.head.sample_rate,
+        init_seed=cfg.experiment.seed, **cfg.head.params,
+    )  # fmt: skip
 
 
 def build_loss(cfg: Config, labels: np.ndarray, num_classes: int) -> nn.Module:
@@ -232,6 +243,9 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (NaN when skipped)."""
     seed_step(run)
     run.optimizer.zero_grad(set_to_none=True)
+    # BN statistics and head buffers as they were: a skipped step must not leave inf/NaN in them
+    buffers = [b for m in (run.backbone, run.classifier) for b in m.buffers()]
+    saved = [b.detach().clone() for b in buffers]
     losses = []
     for i, (images, labels, _) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -243,6 +257,9 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     total = float(torch.stack(losses).sum())
     if any_rank(not math.isfinite(total)):
         run.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, old in zip(buffers, saved, strict=True):
+                buffer.copy_(old)
         run.bad_steps += 1
         run.skipped_steps += 1
         if run.bad_steps >= run.cfg.train.max_bad_steps:
@@ -523,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{key}: {value}")
             return 0
         fit(cfg, args.resume)
-    except (ConfigError, CheckpointError, TrainingError) as err:
+    except INPUT_ERRORS as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 2
     finally:

@@ -82,7 +82,8 @@ def _collective_device() -> torch.device:
 def _sum_hook(fp16: bool):
     """DDP communication hook that sums gradients over ranks (optionally all-reduced in fp16)."""
 
-    def hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    # no annotations: DDP checks them as objects, and this module's are strings (postponed evaluation)
+    def hook(state, bucket):  # type: ignore[no-untyped-def]
         buffer = bucket.buffer()
         sent = buffer.to(torch.float16) if fp16 else buffer
         future = dist.all_reduce(sent, async_op=True).get_future()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from core.config import ConfigError
 from data.transforms import FaceDataset, describe
 
 
@@ -43,9 +44,10 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = batch_size * world_size * grad_accum
         if self.global_batch > num_images:
-            raise ValueError(
-                f"the global batch of {self.global_batch} images ({batch_size} per process x {world_size} "
-                f"processes x {grad_accum} accumulated) is larger than the dataset's {num_images} images"
+            raise ConfigError(
+                f"data.batch_size: the global batch of {self.global_batch} images ({batch_size} per process "
+                f"x {world_size} processes x {grad_accum} accumulated) is larger than the dataset's "
+                f"{num_images} images"
             )
         self.steps_per_epoch = num_images // self.global_batch
         self.epoch, self.start_step = 0, 0

@@ -75,8 +75,16 @@ class PartialFC(nn.Module):
         sample_rate: fraction of this rank's classes scored per step (positives are always kept).
     """
 
+    INIT_BLOCK = 4096  # classes per independently seeded block of the initial centres
+
     def __init__(
-        self, head: str, embedding_size: int, num_classes: int, sample_rate: float = 1.0, **head_params: Any
+        self,
+        head: str,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        init_seed: int | None = None,
+        **head_params: Any,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -90,6 +98,20 @@ class PartialFC(nn.Module):
             head, embedding_size=embedding_size, num_classes=self.num_local, **head_params
         )
         self.last_index: torch.Tensor | None = None  # local classes scored in the last step (for tests/logs)
+        if init_seed is not None:
+            self._init_shard(init_seed)
+
+    @torch.no_grad()
+    def _init_shard(self, seed: int) -> None:
+        """N(0, 0.01) centres drawn per block of classes from ``(seed, block)``: the classifier starts the
+        same whatever the number of ranks, and no rank ever draws more than its own blocks."""
+        first, last = self.class_start, self.class_start + self.num_local
+        for block in range(first // self.INIT_BLOCK, (last - 1) // self.INIT_BLOCK + 1):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+            lo = block * self.INIT_BLOCK
+            rows = torch.normal(0.0, 0.01, (self.INIT_BLOCK, self.embedding_size), generator=g)
+            a, b = max(first, lo), min(last, lo + self.INIT_BLOCK)
+            self.head.weight[a - first : b - first] = rows[a - lo : b - lo]
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the global batch."""

@@ -1,0 +1,277 @@
+"""The training loop through the real train.py on generated identities (32x32, MobileFaceNet, CPU):
+it learns, resumes exactly after a kill, and 2 gloo processes equal 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import train
+from backbones import build_backbone
+from core.checkpoint import load_checkpoint
+from core.config import load_config
+from core.extract import backbone_embedder, extract
+from data.verification import load_bin
+from tests.synthetic_faces import write_identity_folder, write_pairs_bin
+from validation_hq.protocol import evaluate_pairs, fuse_flip
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = str(ROOT / "configs" / "cpu_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("synthetic")
+    return {
+        "train": write_identity_folder(root / "train", identities=40, per_identity=16),
+        "small": write_identity_folder(root / "small", identities=12, per_identity=8, seed=3),
+        "val": write_pairs_bin(root / "val" / "lfw.bin", pairs=200).parent,
+    }
+
+
+def overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.root={data}", f"output_dir={out}", "data.image_size=32", "data.num_workers=0",
+        "model.embedding_size=64", *extra,
+    ]  # fmt: skip
+
+
+def run_train(*args: str, check: bool = True, torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    proc = subprocess.run(
+        [*launcher, "train.py", "--config", CONFIG, *args],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def trained_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Parameters (not BN running statistics) of the backbone and the classifier of a checkpoint."""
+    state = load_checkpoint(path)
+    out = {
+        f"backbone.{k}": v
+        for k, v in state["backbone"].items()
+        if "running" not in k and "num_batches" not in k
+    }
+    out.update({f"head.{k}": v for k, v in state["head"].items()})
+    return out
+
+
+def test_a_tiny_run_learns_to_verify_unseen_identities(faces, tmp_path):
+    out = tmp_path / "run"
+    settings = overrides(
+        faces["train"], out, f"data.val_root={faces['val']}", "train.epochs=6", "train.val_every=40"
+    )
+    status = train.main(["--config", CONFIG, "--set", *settings])
+    assert status == 0
+    val = load_bin(faces["val"] / "lfw.bin")
+    torch.manual_seed(2048)
+    untrained = build_backbone("mbf", embedding_size=64, input_size=32).eval()
+    original, flipped = extract(backbone_embedder(untrained, torch.device("cpu")), val.images, 100)
+    chance = evaluate_pairs(fuse_flip(original, flipped), val.issame)["accuracy"]
+
+    log = (out / "train.log").read_text()
+    accuracies = [
+        float(line.split("lfw ")[1].split("±")[0]) for line in log.splitlines() if "validation" in line
+    ]
+    assert len(accuracies) == 3  # steps 40, 80 and the end (120)
+    assert accuracies[-1] >= 85.0, log
+    assert accuracies[-1] >= chance * 100 + 15, (chance, log)
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in log.splitlines() if " loss " in line]
+    assert losses[-1] < losses[0] / 5
+
+    # what a finished run leaves behind
+    for name in ("last.pt", "best.pt", "config.yaml", "step_120.pt"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(out / "config.yaml") == load_config(CONFIG, settings)
+    state = load_checkpoint(out / "last.pt")
+    assert state["step"] == 120 and state["epoch"] == 6
+    assert state["meta"]["color"] == "rgb" and state["meta"]["input_size"] == 32
+    assert state["head"]["weight"].shape == (40, 64)
+
+
+RESUME_SET = (
+    "train.epochs=2", "data.batch_size=16", "model.dropout=0.2", "head.name=adaface", "head.params={}",
+    "head.sample_rate=0.5", "data.augment.crop=0.5", "data.augment.photometric=0.5", "train.log_every=1",
+)  # fmt: skip
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(faces, tmp_path):
+    # 96 images / 16 = 6 steps per epoch, 12 in all; the checkpoint at step 4 is mid-epoch.
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    run_train("--set", *overrides(faces["small"], full, *RESUME_SET))
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--config", CONFIG, "--set",
+         *overrides(faces["small"], broken, *RESUME_SET, "train.save_every=4")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (broken / "step_4.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (broken / "step_4.pt").exists()
+    run_train("--set", *overrides(faces["small"], broken, *RESUME_SET), "--resume", str(broken / "step_4.pt"))
+
+    a, b = trained_tensors(full / "last.pt"), trained_tensors(broken / "last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa, sb = load_checkpoint(full / "last.pt"), load_checkpoint(broken / "last.pt")
+    assert sa["step"] == sb["step"] == 12
+    for key in sa["optimizer"]["state"]:
+        assert torch.equal(
+            sa["optimizer"]["state"][key]["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"]
+        )
+    assert "resumed" in (broken / "train.log").read_text()
+
+
+def max_difference(a: Path, b: Path) -> float:
+    ta, tb = trained_tensors(a), trained_tensors(b)
+    assert ta.keys() == tb.keys()
+    return max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
+
+
+def test_two_processes_equal_one_and_resume_on_one(faces, tmp_path):
+    # Global batch 16 either way: 1 process x 2 accumulated micro-batches of 8, or 2 processes x 8. This
+    # small net at lr 0.1 is chaotic (the float noise of thread scheduling alone grows ~100x per step), so
+    # step 1 is compared to 1e-6 and step 2 relative to the size of its own update: a real difference
+    # (initial centres, gradient scale, sample order) is as large as the update itself. No gradient
+    # clipping: it would hide a wrong gradient scale.
+    common = (
+        "train.epochs=2", "train.log_every=1", "data.augment.crop=0.5", "data.batch_size=8",
+        "train.save_every=1", "optim.grad_clip=0", "train.max_steps=2",
+    )  # fmt: skip
+    one, two, moved = tmp_path / "one", tmp_path / "two", tmp_path / "moved"
+    run_train("--set", *overrides(faces["small"], one, *common, "optim.grad_accum=2"))
+    run_train("--set", *overrides(faces["small"], two, *common), torchrun=2)
+    update = max_difference(one / "step_2.pt", one / "step_1.pt")
+    assert max_difference(one / "step_1.pt", two / "step_1.pt") < 1e-3 * update
+    assert max_difference(one / "step_2.pt", two / "step_2.pt") < 0.02 * update
+
+    # step 1 on 2 processes, step 2 on 1 process with accumulation
+    run_train("--set", *overrides(faces["small"], moved, *common[:-1], "train.max_steps=1"), torchrun=2)
+    run_train("--set", *overrides(faces["small"], moved, *common, "optim.grad_accum=2"), "--resume", "auto")
+    assert max_difference(one / "step_2.pt", moved / "step_2.pt") < 0.02 * update
+    state = load_checkpoint(moved / "last.pt")
+    assert state["step"] == 2 and state["sampler"]["step_in_epoch"] == 2
+
+
+def test_a_changed_global_batch_is_refused_on_resume(faces, tmp_path):
+    out = tmp_path / "run"
+    run_train("--set", *overrides(faces["small"], out, "data.batch_size=16", "train.max_steps=2"))
+    proc = run_train(
+        "--set", *overrides(faces["small"], out, "data.batch_size=8"), "--resume", "auto", check=False
+    )
+    assert proc.returncode == 2
+    assert "global batch of 16 images, this run has 8" in proc.stderr
+
+
+def test_non_finite_losses_are_skipped_then_abort(faces, tmp_path, monkeypatch):
+    real = train.forward_loss
+    poisoned: set[int] = {3}
+
+    def forward_loss(run, images, labels):
+        loss = real(run, images, labels)
+        return loss * float("nan") if run.step in poisoned else loss
+
+    monkeypatch.setattr(train, "forward_loss", forward_loss)
+    cfg = load_config(
+        CONFIG, overrides(faces["small"], tmp_path / "a", "data.batch_size=16", "train.max_steps=6")
+    )
+    before: dict[str, torch.Tensor] = {}
+
+    real_step = train.train_step
+
+    def train_step(run, batches):
+        if run.step == 3:
+            before.update({k: v.clone() for k, v in run.backbone.state_dict().items()})
+        loss = real_step(run, batches)
+        if run.step == 3:
+            after = run.backbone.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before)  # not even the BN statistics
+        return loss
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    run = train.fit(cfg)
+    assert run.step == 6 and run.skipped_steps == 1
+
+    poisoned.update(range(4, 100))
+    cfg = load_config(
+        CONFIG,
+        overrides(
+            faces["small"],
+            tmp_path / "b",
+            "data.batch_size=16",
+            "train.save_every=2",
+            "train.max_bad_steps=3",
+        ),
+    )
+    with pytest.raises(train.TrainingError, match=r"step 5: loss is nan for 3 steps in a row .*/step_4\.pt"):
+        train.fit(cfg)
+
+
+def test_labels_outside_the_classes_are_refused_before_training():
+    with pytest.raises(train.TrainingError, match=r"image 2 has label 7 outside \[0, 5\)"):
+        train.check_labels(np.array([0, 1, 7, 2]), 5, "/data/x")
+    with pytest.raises(train.TrainingError, match="holds no images"):
+        train.check_labels(np.array([], dtype=np.int64), 5, "/data/x")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("data.batch_size=1000",),
+         "global batch of 1000 images (1000 per process x 1 processes x 1 accumulated)"),
+        (("head.params.varient=clip",),
+         "unknown key head.params.varient: head 'arcface' takes s, m, variant, easy_margin; "
+         "did you mean head.params.variant?"),
+        (("head.name=cosfase",), "unknown head 'cosfase'; did you mean 'cosface'?"),
+        (("loss.params.gama=1",), "unknown key loss.params.gama"),
+        (("train.best_metric=cfp_fp",),
+         "train.best_metric 'cfp_fp' is neither 'mean' nor in data.val_targets"),
+    ],
+)  # fmt: skip
+def test_bad_settings_fail_before_the_first_step(faces, tmp_path, capsys, extra, message):
+    status = train.main(
+        ["--config", CONFIG, "--set", *overrides(faces["small"], tmp_path, *extra), "--dry-run"]
+    )
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_empty_image_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    status = train.main(
+        ["--config", CONFIG, "--set", *overrides(tmp_path / "empty", tmp_path / "o"), "--dry-run"]
+    )
+    assert status == 2
+    assert "no identity folders with images" in capsys.readouterr().err
+
+
+def test_dry_run_runs_two_steps_and_reports(faces, tmp_path, capsys):
+    status = train.main(
+        ["--config", CONFIG, "--set", *overrides(faces["small"], tmp_path / "o"), "--dry-run"]
+    )
+    assert status == 0
+    report = yaml.safe_load(capsys.readouterr().out)
+    assert report["classes"] == 12 and report["images"] == 96 and report["steps"] == 2
+    assert report["embedding"] == [32, 64] and report["global_batch"] == 32
+    assert all(np.isfinite(report["losses"]))
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
