@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from heads import build_head
 from heads.partial_fc import PartialFC, shard_range
+from losses import build_loss
 
 E, C, B, WORLD = 8, 11, 6, 2  # 11 classes: uneven shards of 6 and 5
 
@@ -157,3 +158,63 @@ def test_bad_inputs():
         PartialFC("arcface", E, C, sample_rate=0.0)
     with pytest.raises(ValueError, match=r"checkpoint weight of shape \(3, 8\)"):
         pfc.load_state_dict({"weight": torch.zeros(3, E)})
+
+
+LOSSES_ON_CE = [
+    ("focal", {"gamma": 2.0}),
+    ("frabsm_weight", {"alpha": 1.0, "p0": 0.6, "reduction": "sample"}),
+]
+
+
+def _loss_worker(rank: int, port: int, out: str, loss_name: str, loss_params: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        weight, x, y = problem()
+        pfc = PartialFC("arcface", E, C, init_seed=5).double().train()
+        init = pfc.state_dict()["weight"]  # collective
+        pfc.load_state_dict({"weight": weight})
+        optimizer = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9)
+        x_local = x[rank * B : (rank + 1) * B].clone().requires_grad_()
+        ce, all_labels = pfc.per_sample_ce(x_local, y[rank * B : (rank + 1) * B])
+        loss = build_loss(loss_name, **loss_params).reduce(ce, all_labels)
+        loss.backward()
+        optimizer.step()
+        torch.save(
+            {"loss": loss.detach(), "x_grad": x_local.grad, "labels": all_labels, "init": init,
+             "optimizer": pfc.optimizer_state_dict(optimizer)},
+            Path(out) / f"rank{rank}.pt",
+        )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("loss_name", "loss_params"), LOSSES_ON_CE)
+def test_losses_on_sharded_cross_entropy_equal_full_logits(tmp_path, loss_name, loss_params):
+    weight, x, y = problem()
+    head = build_head("arcface", embedding_size=E, num_classes=C).double().train()
+    head.weight.data.copy_(weight)
+    xr = x.clone().requires_grad_()
+    ref_loss = build_loss(loss_name, **loss_params)(head(xr, y), y)
+    ref_loss.backward()
+    ref_opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    ref_opt.step()
+
+    mp.spawn(_loss_worker, args=(free_port(), str(tmp_path), loss_name, loss_params), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res["labels"], y)  # rank r's samples come r-th
+        torch.testing.assert_close(res["loss"], ref_loss.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(res["x_grad"], xr.grad[rank * B : (rank + 1) * B], atol=1e-6, rtol=0)
+        # the momentum of every class centre, gathered from both shards, equals the single process's
+        momentum = res["optimizer"]["state"][0]["momentum_buffer"]
+        torch.testing.assert_close(momentum, ref_opt.state[head.weight]["momentum_buffer"], atol=1e-6, rtol=0)
+        # centres drawn per block of classes from the seed: the same start at any world size
+        torch.testing.assert_close(res["init"], PartialFC("arcface", E, C, init_seed=5).head.weight.double())
+
+    # the gathered optimizer state loads into one process holding all classes
+    one = PartialFC("arcface", E, C).double()
+    opt = torch.optim.SGD(one.parameters(), lr=0.1, momentum=0.9)
+    one.load_optimizer_state_dict(opt, results[0]["optimizer"])
+    torch.testing.assert_close(
+        opt.state[one.head.weight]["momentum_buffer"], ref_opt.state[head.weight]["momentum_buffer"]
+    )
