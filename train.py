@@ -113,7 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True, help="YAML experiment file")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
+    parser.add_argument(
+        "--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="dotted overrides"
+    )
     parser.add_argument("--resume", default="", metavar="PATH|auto", help="checkpoint to continue from")
     parser.add_argument("--dry-run", action="store_true", help="build everything, run 2 steps, report")
     return parser.parse_args(argv)

@@ -2,7 +2,8 @@
 
 A config file is a YAML mapping. ``_base_`` names one file or a list of files (relative to the file that
 names them); they are merged in order, then the file's own keys on top. Mappings merge key by key, any other
-value (lists included) replaces the earlier one. Overrides from the command line use dotted paths::
+value (lists included) replaces the earlier one; a section given another ``name`` (``head.name: cosface``
+over ``arcface``) starts its ``params`` afresh. Overrides from the command line use dotted paths::
 
     python train.py --config configs/ms1mv2_r50_arcface.yaml --set optim.lr=0.05 data.root=/x
 
@@ -212,15 +213,43 @@ def read_yaml_with_bases(path: str | os.PathLike[str], _chain: tuple[Path, ...] 
     return merge_dicts(merged, raw)
 
 
+def _start_from(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` as the start of a merge with ``top``. A section that ``top`` renames (``head.name: cosface``
+    over ``arcface``) drops the old ``params``: constructor arguments belong to the part they were set for."""
+    out = dict(base)
+    renamed = isinstance(top.get("name"), str) and top["name"] != base.get("name")
+    if renamed and isinstance(base.get("params"), Mapping):
+        out["params"] = {}
+    return out
+
+
 def merge_dicts(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     """Deep merge: mappings merge key by key; any other value in ``top`` replaces the one in ``base``."""
-    out = dict(base)
+    out = _start_from(base, top)
     for key, value in top.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
+
+
+def apply_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set each overridden key to its value: ``--set head.params={}`` empties the mapping (a merge would
+    keep what was there), while ``--set head.params.m=0.4`` changes one key of it."""
+    out = _start_from(base, overrides)
+    for key, value in overrides.items():
+        if isinstance(value, _Given):  # a mapping written as the value: it replaces
+            out[key] = dict(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), Mapping):
+            out[key] = apply_overrides(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class _Given(dict):
+    """A mapping that an override gives as its value (``k={a: 1}``), as opposed to the path's sections."""
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -241,7 +270,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
             node = child
-        node[parts[-1]] = value
+        node[parts[-1]] = _Given(value) if isinstance(value, dict) else value
     return nested
 
 
@@ -362,7 +391,7 @@ def _type_name(tp: Any) -> str:
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
     """Resolve a config file (with its bases) plus dotted overrides into a checked :class:`Config`."""
     merged = read_yaml_with_bases(path) if path is not None else {}
-    merged = merge_dicts(merged, parse_overrides(overrides))
+    merged = apply_overrides(merged, parse_overrides(overrides))
     return from_dict(Config, merged, source=str(path) if path is not None else "config")
 
 

@@ -41,7 +41,7 @@ def test_base_yaml_spells_out_every_schema_default():
     assert load_config(CONFIGS / "base.yaml") == Config()
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")))
 def test_every_shipped_config_loads(name):
     cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, Config)
@@ -195,3 +195,22 @@ def test_top_level_must_be_mapping(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+def test_an_override_with_a_mapping_value_replaces_the_mapping():
+    cfg = load_config(CONFIGS / "cpu_tiny.yaml")
+    assert cfg.head.params == {"s": 32.0, "m": 0.3}
+    assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.params.m=0.4"]).head.params == {"s": 32.0, "m": 0.4}
+    assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.params={}"]).head.params == {}
+    replaced = load_config(CONFIGS / "cpu_tiny.yaml", ["head.params={s: 16}", "head.params.h=0.2"])
+    assert replaced.head.params == {"s": 16, "h": 0.2}
+
+
+def test_renaming_a_part_starts_its_params_afresh(tmp_path):
+    # constructor arguments of one head never leak into another (cosface has no `variant`)
+    assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.name=magface"]).head.params == {}
+    assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.params.s=8", "head.name=cosface"]).head.params == {"s": 8}
+    assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.name=arcface"]).head.params == {"s": 32.0, "m": 0.3}
+    cosface = load_config(CONFIGS / "recipes" / "cosface.yaml")
+    assert cosface.head.params == {"s": 64.0, "m": 0.4}
+    assert cosface.optim.lr == 0.1 and cosface.schedule.power == 2.0  # the rest of the base recipe stays

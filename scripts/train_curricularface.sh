@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# configs/recipes/curricularface.yaml: DATASET=ms1mv2 BACKBONE=r100 NPROC=8 scripts/train_curricularface.sh [--set k=v] [--resume auto]
+exec "$(dirname "$0")/train_recipe.sh" curricularface "$@"

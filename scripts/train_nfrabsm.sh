@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# configs/recipes/nfrabsm.yaml: DATASET=ms1mv2 BACKBONE=r100 NPROC=8 scripts/train_nfrabsm.sh [--set k=v] [--resume auto]
+exec "$(dirname "$0")/train_recipe.sh" nfrabsm "$@"
