@@ -209,7 +209,8 @@ def test_an_override_with_a_mapping_value_replaces_the_mapping():
 def test_renaming_a_part_starts_its_params_afresh(tmp_path):
     # constructor arguments of one head never leak into another (cosface has no `variant`)
     assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.name=magface"]).head.params == {}
-    assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.params.s=8", "head.name=cosface"]).head.params == {"s": 8}
+    renamed = load_config(CONFIGS / "cpu_tiny.yaml", ["head.params.s=8", "head.name=cosface"])
+    assert renamed.head.params == {"s": 8}
     assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.name=arcface"]).head.params == {"s": 32.0, "m": 0.3}
     cosface = load_config(CONFIGS / "recipes" / "cosface.yaml")
     assert cosface.head.params == {"s": 64.0, "m": 0.4}

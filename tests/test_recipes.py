@@ -52,8 +52,8 @@ def test_launchers_are_valid_bash():
 
 
 def test_recipe_launcher_runs_torchrun_on_cpu(faces, tmp_path):
-    env = {**os.environ, "NPROC": "2", "DATA_ROOT": str(faces), "BACKBONE": "mbf", "OUTPUT": str(tmp_path / "run"),
-           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {**os.environ, "NPROC": "2", "DATA_ROOT": str(faces), "BACKBONE": "mbf",
+           "OUTPUT": str(tmp_path / "run"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # fmt: skip
     proc = subprocess.run(
         ["bash", "scripts/train_arcface.sh", "--set", *SMALL[1:], "data.format=folder", "train.max_steps=2"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=300,
