@@ -94,7 +94,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
-    val_sets: list[VerificationSet]
+    val_paths: list[Path]
     total_steps: int
     step: int = 0  # optimizer steps done
     epoch: int = 0
@@ -103,6 +103,8 @@ class Run:
     bad_steps: int = 0  # non-finite losses in a row
     skipped_steps: int = 0
     last_checkpoint: Path | None = None
+    val_sets: list[VerificationSet] = dataclasses.field(default_factory=list)  # decoded by fit()
+    validation: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # the latest results
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -152,14 +154,15 @@ def build_loss(cfg: Config, labels: np.ndarray, num_classes: int) -> nn.Module:
     return loss
 
 
-def load_val_sets(cfg: Config) -> list[VerificationSet]:
+def val_set_paths(cfg: Config) -> list[Path]:
+    """The ``.bin`` files of ``data.val_targets`` in ``data.val_root`` (none when it is empty); all must exist."""
     if not cfg.data.val_root:
         return []
     root = Path(cfg.data.val_root)
     missing = [name for name in cfg.data.val_targets if not (root / f"{name}.bin").is_file()]
     if missing:
         raise FileNotFoundError(f"data.val_root {root} has no {', '.join(m + '.bin' for m in missing)}")
-    return [load_bin(root / f"{name}.bin") for name in cfg.data.val_targets]
+    return [root / f"{name}.bin" for name in cfg.data.val_targets]
 
 
 def check_labels(labels: np.ndarray, num_classes: int, root: str) -> None:
@@ -212,7 +215,7 @@ def build(cfg: Config, device: torch.device) -> Run:
     return Run(
         cfg=cfg, device=device, out=Path(cfg.output_dir), dataset=dataset, sampler=sampler,
         backbone=backbone, model=model, classifier=classifier, loss=loss, optimizer=optimizer,
-        scheduler=scheduler, scaler=scaler, val_sets=load_val_sets(cfg), total_steps=total_steps,
+        scheduler=scheduler, scaler=scaler, val_paths=val_set_paths(cfg), total_steps=total_steps,
     )  # fmt: skip
 
 
@@ -356,7 +359,7 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
     """10-fold accuracy (SPEC §5.2, flip-sum fusion) on every validation set. Every rank embeds its share
     of the images and receives all features, so no rank waits on another past the collective timeout."""
     run.backbone.eval()
-    embedder = backbone_embedder(run.backbone, run.device, color=run.cfg.data.color)
+    embedder = backbone_embedder(run.backbone, run.device, run.cfg.data.color, run.cfg.model.channels_last)
     results = {}
     for val in run.val_sets:
         original, flipped = extract(embedder, val.images, run.cfg.train.val_batch_size, flip=True, shard=True)
@@ -376,6 +379,7 @@ def validate_and_log(run: Run, log: Logbook) -> bool:
     if not run.val_sets:
         return False
     results = evaluate(run)
+    run.validation = results
     for name, metrics in results.items():
         log.scalars(run.step, {f"val/{name}_{key}": value for key, value in metrics.items()})
     mean = float(np.mean([m["accuracy"] for m in results.values()]))
@@ -414,6 +418,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         },
         "rng": rng_state(),
         "train": {"best": run.best, "skipped_steps": run.skipped_steps},
+        "validation": run.validation,
         "meta": {
             "arch": cfg.model.backbone,
             "embedding_size": cfg.model.embedding_size,
@@ -461,6 +466,7 @@ def resume(run: Run, path: Path) -> str:
         run.scaler.load_state_dict(state["scaler"])
     run.step, run.epoch, run.step_in_epoch = state["step"], sampler["epoch"], sampler["step_in_epoch"]
     run.best, run.skipped_steps = state["train"]["best"], state["train"]["skipped_steps"]
+    run.validation = state["validation"]
     run.last_checkpoint = path
     return f"resumed {path} at epoch {run.epoch} step {run.step}" + (
         f"; changed: {changed}" if changed else ""
@@ -474,6 +480,7 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
     """Build, resume if asked, train to the end (or ``train.max_steps``), validate and save."""
     device = device or init_distributed()
     run = build(cfg, device)
+    run.val_sets = [load_bin(path) for path in run.val_paths]
     rank0 = get_rank() == 0
     if rank0:
         run.out.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,16 @@ from data.transforms import normalize_batch
 Embedder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def backbone_embedder(model: nn.Module, device: torch.device, color: str = "rgb") -> Embedder:
+def backbone_embedder(
+    model: nn.Module, device: torch.device, color: str = "rgb", channels_last: bool = False
+) -> Embedder:
     """uint8 RGB batch -> float32 un-normalised embeddings of ``model`` (put in eval mode by the caller)."""
 
     @torch.no_grad()
     def embed(images: torch.Tensor) -> torch.Tensor:
         x = normalize_batch(images.to(device, non_blocking=True), color=color)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return model(x).float()
 
     return embed

@@ -103,6 +103,7 @@ def test_a_tiny_run_learns_to_verify_unseen_identities(faces, tmp_path):
     assert state["step"] == 120 and state["epoch"] == 6
     assert state["meta"]["color"] == "rgb" and state["meta"]["input_size"] == 32
     assert state["head"]["weight"].shape == (40, 64)
+    assert state["validation"]["lfw"]["accuracy"] * 100 == pytest.approx(accuracies[-1], abs=0.01)
 
 
 RESUME_SET = (
