@@ -155,7 +155,8 @@ def build_loss(cfg: Config, labels: np.ndarray, num_classes: int) -> nn.Module:
 
 
 def val_set_paths(cfg: Config) -> list[Path]:
-    """The ``.bin`` files of ``data.val_targets`` in ``data.val_root`` (none when it is empty); all must exist."""
+    """The ``.bin`` files of ``data.val_targets`` in ``data.val_root`` (none when it is empty).
+    Every one must exist: a missing set stops the run before the first step."""
     if not cfg.data.val_root:
         return []
     root = Path(cfg.data.val_root)

@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     for needed in (celeba, lfw_bin):
         if not needed.exists():
             print(
-                f"demo: {needed} not found. Point DATA= (make demo DATA=/path) or --data at a folder laid "
-                "out like ../shared/data: celeba_aligned112/<identity>/<img>.jpg (CelebA, aligned 112x112) and "
-                "lfw_yunet112.bin (the 6,000 LFW pairs in insightface .bin layout).",
+                f"demo: {needed} not found. Point DATA= (make demo DATA=/path) or --data at a folder "
+                "laid out like ../shared/data: celeba_aligned112/<identity>/<img>.jpg (CelebA, aligned "
+                "112x112) and lfw_yunet112.bin (the 6,000 LFW pairs in insightface .bin layout).",
                 file=sys.stderr,
             )
             return 1
@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     print("[4/4] LFW, 6,000 pairs of people not in the training data (10-fold, flip-sum fusion):")
     print(f"      accuracy {lfw['accuracy'] * 100:.2f}% ± {lfw['accuracy_std'] * 100:.2f}, "
           f"VAL@FAR=1e-3 {lfw['val_at_far'] * 100:.2f}% after {state['step']} steps")  # fmt: skip
-    print(
-        f"      checkpoint {run_dir / 'last.pt'} (best: {run_dir / 'best.pt'}), config {run_dir / 'config.yaml'}"
-    )
+    print(f"      checkpoint {run_dir / 'last.pt'} (best: {run_dir / 'best.pt'})")
+    print(f"      config {run_dir / 'config.yaml'}")
     print(f"      log {run_dir / 'train.log'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0
 
