@@ -312,25 +312,32 @@ def train_one_epoch(run: Run, log: Logbook, limit: int) -> None:
     )
     run.backbone.train()
     run.classifier.train()
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_good, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     for micro_batches in micro_batch_groups(loader, cfg.optim.grad_accum):
         loss = train_step(run, micro_batches)
         run.step += 1
         run.step_in_epoch += 1
+        window_steps += 1
         if math.isfinite(loss):
-            window_loss, window_steps = window_loss + loss, window_steps + 1
-        log.progress(1, {"loss": f"{loss:.3f}", "lr": f"{run.optimizer.param_groups[0]['lr']:.4g}"})
+            window_loss, window_good = window_loss + loss, window_good + 1
+        rate = window_steps * run.sampler.global_batch / max(1e-9, time.perf_counter() - window_start)
+        lr = run.optimizer.param_groups[0]["lr"]
+        log.progress(1, {"loss": f"{loss:.3f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"})
         if run.step % cfg.train.log_every == 0 or run.step == limit:
             elapsed = time.perf_counter() - window_start
-            report(run, log, window_loss / max(1, window_steps), window_steps, elapsed)
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        at_end = run.step == limit or run.step == run.total_steps
-        if cfg.train.val_every and run.step % cfg.train.val_every == 0 and not at_end:
-            validate_and_log(run, log)
-        if run.step % cfg.train.save_every == 0 and not at_end:
-            save(run, log)
-        if run.step >= limit:
-            break
+            report(run, log, window_loss / max(1, window_good), window_steps, elapsed)
+            window_loss, window_good, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        if run.step == limit or run.step == run.total_steps:
+            break  # fit() validates and saves the end
+        best = (
+            bool(cfg.train.val_every) and run.step % cfg.train.val_every == 0 and validate_and_log(run, log)
+        )
+        if best or run.step % cfg.train.save_every == 0:
+            save(run, log, best=best)
+        if (
+            cfg.train.val_every and run.step % cfg.train.val_every == 0
+        ) or run.step % cfg.train.save_every == 0:
+            window_start = time.perf_counter()  # images/s counts training, not validation or saving
     if run.step_in_epoch == run.sampler.steps_per_epoch:
         run.epoch, run.step_in_epoch = run.epoch + 1, 0
 

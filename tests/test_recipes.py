@@ -46,6 +46,16 @@ def test_every_head_and_loss_train_through_the_entry_point(head, loss, faces, ca
     assert "nan" not in out.out
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_are_finite(precision, faces, capsys):
+    # CPU autocast; fp16 also runs the GradScaler path (unscale, clip, step, update)
+    sets = [f"data.root={faces}", *SMALL, f"model.precision={precision}", "model.backbone=r18"]
+    status = train.main(["--config", str(ROOT / "configs" / "cpu_tiny.yaml"), "--set", *sets, "--dry-run"])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    assert "nan" not in out.out and "losses: [" in out.out
+
+
 def test_launchers_are_valid_bash():
     for script in sorted((ROOT / "scripts").glob("*.sh")):
         subprocess.run(["bash", "-n", str(script)], check=True)

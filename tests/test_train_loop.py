@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
 from backbones import build_backbone
@@ -97,7 +98,17 @@ def test_a_tiny_run_learns_to_verify_unseen_identities(faces, tmp_path):
     # what a finished run leaves behind
     for name in ("last.pt", "best.pt", "config.yaml", "step_120.pt"):
         assert (out / name).is_file(), name
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/images_per_s",
+        "val/lfw_accuracy",
+        "val/mean_accuracy",
+    } <= scalars
+    assert [e.step for e in events.Scalars("val/lfw_accuracy")] == [40, 80, 120]
     assert load_config(out / "config.yaml") == load_config(CONFIG, settings)
     state = load_checkpoint(out / "last.pt")
     assert state["step"] == 120 and state["epoch"] == 6
