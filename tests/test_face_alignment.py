@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -116,3 +118,15 @@ def test_a_missing_model_says_where_to_get_it(tmp_path, monkeypatch):
         find_model("face_detection_yunet_2026may.onnx", "https://github.com/opencv/opencv_zoo")
     with pytest.raises(ModelNotFoundError, match=r"missing\.onnx: detector model not found"):
         YuNetDetector(tmp_path / "missing.onnx")
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "alignment"
+
+
+def test_crops_equal_insightface_norm_crop(shared_data):
+    # reference crops written by insightface 2.1's norm_crop at the same landmarks (make_insightface_crops.py)
+    for name, points in json.loads((FIXTURES / "landmarks.json").read_text()).items():
+        path = shared_data / "lfw_color150" / name
+        ours = align_face(decode_rgb(path.read_bytes(), str(path)), np.array(points))
+        reference = cv2.imread(str(FIXTURES / f"insightface_{Path(name).stem}.png"))[:, :, ::-1]
+        assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1, name
