@@ -1,0 +1,142 @@
+"""Export a backbone to ONNX for insightface-style deployments and check it against PyTorch.
+
+    python -m scripts.export_onnx CKPT out.onnx [--fold-normalization] [--backbone r50 --color rgb]
+
+Only the backbone is exported: input ``data`` (N x 3 x 112 x 112 float, dynamic batch), one output
+``embedding`` (N x D, un-normalised). Input convention:
+
+* default: ``(x / 255 - 0.5) / 0.5`` of the pixels, channels in the model's colour order (the ``color``
+  entry of the ONNX metadata);
+* ``--fold-normalization``: raw RGB pixels 0..255 as float; the colour swap (for BGR-trained models) and
+  the normalisation are part of the graph, whose first nodes are the Sub and Mul that insightface's model
+  zoo looks for to feed such models unnormalised input.
+
+The export is run by onnxruntime on real aligned faces (the CelebA crops of the data folder, or
+``--verify-images DIR``) and must match PyTorch within 1e-4 on unit-normalised features.
+``CKPT`` is a checkpoint of this framework or a plain state dict (with ``--backbone``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from core.checkpoint import NORMALIZATION
+from core.embedders import OnnxEmbedder, TorchEmbedder, load_embedder
+from core.paths import shared_data_dir
+from data.decode import decode_rgb
+
+
+class FoldedInput(nn.Module):
+    """RGB pixels 0..255 -> the model's colour order and ``(x - 127.5) / 127.5`` -> the backbone."""
+
+    def __init__(self, model: nn.Module, color: str) -> None:
+        super().__init__()
+        self.model, self.bgr = model, color == "bgr"
+
+    def forward(self, data: torch.Tensor) -> torch.Tensor:
+        x = (data - 127.5) * (1.0 / 127.5)  # first, so that Sub and Mul open the graph
+        return self.model(x.flip(1) if self.bgr else x)
+
+
+def normalization_first(graph: onnx.GraphProto) -> None:
+    """Put the input's Sub and Mul (and the constants they read) at the head of the graph, named Sub*/Mul*:
+    insightface routes a model whose first 8 nodes hold both to unnormalised input. They read only the
+    input and constants, so the order stays topological."""
+    nodes = list(graph.node)
+    sub = next(n for n in nodes if n.op_type == "Sub" and "data" in n.input)
+    mul = next(n for n in nodes if n.op_type == "Mul" and sub.output[0] in n.input)
+    wanted = set(sub.input) | set(mul.input)
+    front = [n for n in nodes if n.op_type == "Constant" and set(n.output) & wanted] + [sub, mul]
+    for node in (sub, mul):
+        if not node.name.startswith(node.op_type):
+            node.name = f"{node.op_type}{node.name.replace('/', '_')}"
+    rest = [n for n in nodes if all(n is not f for f in front)]
+    del graph.node[:]
+    graph.node.extend(front + rest)
+
+
+def export(embedder: TorchEmbedder, out: Path, fold: bool, opset: int = 17) -> None:
+    model = FoldedInput(embedder.model, embedder.color) if fold else embedder.model
+    model.eval()
+    dummy = torch.zeros(2, 3, 112, 112)
+    with warnings.catch_warnings():  # the TorchScript exporter: no onnxscript needed, plain Conv/BN graphs
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (dummy,), str(out), input_names=["data"], output_names=["embedding"],
+            dynamic_axes={"data": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False,
+        )  # fmt: skip
+    graph = onnx.load(str(out))
+    if fold:
+        normalization_first(graph.graph)
+    meta = {
+        "color": "rgb" if fold else embedder.color,
+        "normalization": "none: RGB pixels 0..255 (folded into the graph)" if fold else NORMALIZATION,
+        "framework": "facerec",
+    }
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(out))
+
+
+def real_faces(folder: Path | None, count: int = 16) -> torch.Tensor:
+    """uint8 RGB aligned crops for the check: from ``folder``, else the CelebA crops of the data folder."""
+    folder = folder or shared_data_dir() / "celeba_aligned112"
+    paths = sorted(folder.rglob("*.jpg"))[:count]
+    if not paths:
+        raise FileNotFoundError(f"no aligned .jpg faces under {folder} to check the export on")
+    return torch.from_numpy(np.stack([decode_rgb(p.read_bytes(), str(p)).transpose(2, 0, 1) for p in paths]))
+
+
+def verify(embedder: TorchEmbedder, out: Path, fold: bool, images: torch.Tensor) -> float:
+    """Largest difference of unit features between PyTorch and onnxruntime on ``images``."""
+    reference = torch.nn.functional.normalize(embedder(images), dim=1)
+    if fold:
+        session = OnnxEmbedder(out).session
+        raw = session.run(None, {"data": images.float().numpy()})[0]
+        exported = torch.from_numpy(np.asarray(raw))
+    else:
+        exported = OnnxEmbedder(out)(images)
+    return float((torch.nn.functional.normalize(exported, dim=1) - reference).abs().max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--fold-normalization", action="store_true", help="input RGB 0..255, as insightface")
+    parser.add_argument("--backbone", help="architecture of a plain state dict")
+    parser.add_argument("--color", choices=["rgb", "bgr"], help="colour order of a plain state dict")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--verify-images", type=Path, help="folder of aligned 112x112 faces for the check")
+    args = parser.parse_args(argv)
+    try:
+        embedder = load_embedder(args.checkpoint, backbone=args.backbone, color=args.color)
+        if not isinstance(embedder, TorchEmbedder):
+            raise ValueError(f"{args.checkpoint}: already an exported model")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        export(embedder, args.out, args.fold_normalization, args.opset)
+        difference = verify(embedder, args.out, args.fold_normalization, real_faces(args.verify_images))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"export_onnx: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: input data (N x 3 x 112 x 112), output embedding; max |PyTorch - onnxruntime| "
+          f"of unit features on 16 real faces: {difference:.2e}")  # fmt: skip
+    if difference > 1e-4:
+        print("export_onnx: the exported model differs from PyTorch by more than 1e-4", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
