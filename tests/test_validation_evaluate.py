@@ -1,0 +1,61 @@
+"""validation_hq.evaluate: the command, its table and JSON, and results that do not depend on batch size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from core.embedders import load_embedder
+from data.verification import read_bin_raw, write_bin
+from validation_hq import evaluate
+from validation_hq.protocol import evaluate_pairs, fuse_flip
+
+
+@pytest.fixture(scope="module")
+def small_bin(shared_data, tmp_path_factory):
+    """The first 60 LFW pairs (30 same-person, 30 different) as their own .bin."""
+    images, issame = read_bin_raw(shared_data / "lfw_yunet112.bin")
+    keep = np.r_[0:30, 300:330]
+    path = tmp_path_factory.mktemp("bins") / "lfw.bin"
+    write_bin(path, [images[j] for k in keep for j in (2 * k, 2 * k + 1)], issame[keep].tolist())
+    return path
+
+
+@pytest.fixture(scope="module")
+def embed(shared_data):
+    return load_embedder(shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx", color="bgr")
+
+
+def test_batch_size_does_not_change_results(embed, small_bin):
+    a = evaluate.evaluate_bins(embed, [small_bin], batch_size=7)
+    b = evaluate.evaluate_bins(embed, [small_bin], batch_size=64)
+    assert a["lfw"]["accuracy"] == b["lfw"]["accuracy"]
+    assert a["lfw"]["feature_norm"] == pytest.approx(b["lfw"]["feature_norm"], rel=1e-6)
+
+
+def test_command_prints_table_and_writes_json(embed, small_bin, shared_data, tmp_path, capsys):
+    model = shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--model", str(model), "--color", "bgr", "--bin-dir", str(small_bin.parent),
+                          "--json", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "BGR input, flip fusion sum, batch 128" in printed and "lfw" in printed and "mean" in printed
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["color"] == "bgr" and saved["lfw"]["pairs"] == 60
+    # the same numbers as the protocol on features extracted by hand
+    from core.extract import extract
+    from data.verification import load_bin
+
+    val = load_bin(small_bin)
+    original, flipped = extract(embed, val.images, 32)
+    expected = evaluate_pairs(fuse_flip(original, flipped), val.issame)
+    assert saved["lfw"]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert saved["lfw"]["accuracy"] > 0.9  # a real pretrained model on real pairs
+
+
+def test_no_bins_is_an_error(shared_data, tmp_path, capsys):
+    model = shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"
+    assert evaluate.main(["--model", str(model), "--bin-dir", str(tmp_path)]) == 2
+    assert "no .bin given" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Evaluate a model on verification ``.bin`` sets with the 10-fold protocol (SPEC §5.2).
+
+    python -m validation_hq.evaluate --model CKPT_OR_ONNX --bins lfw.bin cfp_fp.bin [--json out.json]
+    python -m validation_hq.evaluate --model model.pt --backbone r100 --bin-dir /data/faces_emore
+
+Prints one row per set (accuracy and its std over the 10 folds, VAL at FAR=1e-3, mean feature norm) and
+the mean accuracy, with the switches that produced them (colour order, flip fusion, batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.embedders import load_embedder
+from core.extract import extract
+from core.fileio import atomic_write
+from data.verification import VerificationFileError, load_bin
+from validation_hq.protocol import FUSIONS, evaluate_pairs, fuse_flip
+
+SETS = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
+
+
+def evaluate_bins(embed, bins: Sequence[Path], fusion: str = "sum", batch_size: int = 128) -> dict[str, Any]:
+    """Protocol results per set (and their mean accuracy) for an embedder of uint8 RGB batches."""
+    results: dict[str, Any] = {}
+    for path in bins:
+        val = load_bin(path)
+        original, flipped = extract(embed, val.images, batch_size, flip=fusion != "none")
+        metrics = evaluate_pairs(fuse_flip(original, flipped, fusion), val.issame)
+        results[val.name] = {
+            "pairs": len(val.issame),
+            "accuracy": metrics["accuracy"],
+            "accuracy_std": metrics["accuracy_std"],
+            "val_at_far_1e-3": metrics["val"],
+            "far": metrics["far"],
+            "feature_norm": float(np.linalg.norm(original, axis=1).mean()),
+        }
+    results["mean_accuracy"] = float(np.mean([r["accuracy"] for r in results.values()]))
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = [f"{'set':<10} {'pairs':>6} {'accuracy':>16} {'VAL@1e-3':>9} {'norm':>7}"]
+    for name, r in results.items():
+        if isinstance(r, dict) and "accuracy" in r:
+            accuracy = f"{r['accuracy'] * 100:.2f} ± {r['accuracy_std'] * 100:.2f}"
+            rows.append(f"{name:<10} {r['pairs']:>6} {accuracy:>16} {r['val_at_far_1e-3'] * 100:>8.2f}% "
+                        f"{r['feature_norm']:>7.2f}")  # fmt: skip
+    rows.append(f"{'mean':<10} {'':>6} {results['mean_accuracy'] * 100:>14.2f}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint, insightface model.pt or .onnx")
+    parser.add_argument("--backbone", help="architecture of a plain state dict")
+    parser.add_argument(
+        "--color", choices=["rgb", "bgr"], help="colour order of the model (default: its own)"
+    )
+    parser.add_argument("--bins", nargs="*", type=Path, default=[], help=".bin files")
+    parser.add_argument("--bin-dir", type=Path, help=f"folder holding any of {', '.join(SETS)} (.bin)")
+    parser.add_argument("--fusion", choices=FUSIONS, default="sum", help="flip fusion (none: no flip)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    bins = list(args.bins)
+    if args.bin_dir:
+        bins += [args.bin_dir / f"{s}.bin" for s in SETS if (args.bin_dir / f"{s}.bin").is_file()]
+    if not bins:
+        print("evaluate: no .bin given (--bins, or --bin-dir with lfw.bin, cfp_fp.bin, ...)", file=sys.stderr)
+        return 2
+    try:
+        embed = load_embedder(args.model, backbone=args.backbone, color=args.color)
+        results = evaluate_bins(embed, bins, args.fusion, args.batch_size)
+    except (FileNotFoundError, ValueError, VerificationFileError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+    results["settings"] = {"model": str(args.model), "color": embed.color, "fusion": args.fusion,
+                           "batch_size": args.batch_size, "normalization": "(x/255 - 0.5) / 0.5"}  # fmt: skip
+    print(
+        f"model {args.model}: {embed.color.upper()} input, flip fusion {args.fusion}, batch {args.batch_size}"
+    )
+    print(format_table(results))
+    if args.json:
+        with atomic_write(args.json, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
