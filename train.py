@@ -64,6 +64,7 @@ from heads.partial_fc import PartialFC
 from heads.registry import HEADS
 from losses import LOSSES
 from losses.softmax_losses import inverse_log_frequency_weights
+from mining import DifficultyScores
 from validation_hq.protocol import evaluate_pairs, fuse_flip
 
 
@@ -96,6 +97,7 @@ class Run:
     scaler: torch.amp.GradScaler | None
     val_paths: list[Path]
     total_steps: int
+    difficulty: DifficultyScores | None = None  # per-image EMA target cosine (mining.difficulty)
     step: int = 0  # optimizer steps done
     epoch: int = 0
     step_in_epoch: int = 0
@@ -213,10 +215,14 @@ def build(cfg: Config, device: torch.device) -> Run:
     total_steps = sampler.steps_per_epoch * cfg.train.epochs
     scheduler = build_scheduler(optimizer, cfg.schedule, sampler.steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler(device.type, growth_interval=100) if cfg.model.precision == "fp16" else None
+    difficulty = None
+    if cfg.mining.difficulty:
+        difficulty = DifficultyScores(len(dataset), cfg.mining.momentum, seed=cfg.experiment.seed).to(device)
     return Run(
         cfg=cfg, device=device, out=Path(cfg.output_dir), dataset=dataset, sampler=sampler,
         backbone=backbone, model=model, classifier=classifier, loss=loss, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, val_paths=val_set_paths(cfg), total_steps=total_steps,
+        difficulty=difficulty,
     )  # fmt: skip
 
 
@@ -252,14 +258,17 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     # BN statistics and head buffers as they were: a skipped step must not leave inf/NaN in them
     buffers = [b for m in (run.backbone, run.classifier) for b in m.buffers()]
     saved = [b.detach().clone() for b in buffers]
-    losses = []
-    for i, (images, labels, _) in enumerate(micro_batches):
+    losses, seen = [], []
+    for i, (images, labels, indices) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(run.model, "no_sync") else run.model.no_sync()
         with sync:
             loss = forward_loss(run, images, labels) / len(micro_batches)
             (run.scaler.scale(loss) if run.scaler else loss).backward()
         losses.append(loss.detach())
+        if run.difficulty is not None:  # this rank's rows of the global batch's target cosines
+            rows = slice(get_rank() * len(labels), (get_rank() + 1) * len(labels))
+            seen.append((indices, run.classifier.last_target_cos[rows]))
     total = float(torch.stack(losses).sum())
     if any_rank(not math.isfinite(total)):
         run.optimizer.zero_grad(set_to_none=True)
@@ -277,6 +286,8 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
         run.scheduler.step()
         return math.nan
     run.bad_steps = 0
+    for indices, target_cos in seen:  # only a step that counts moves the scores
+        run.difficulty.update(indices.to(run.device), target_cos)
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
     if run.cfg.optim.grad_clip > 0:
@@ -352,6 +363,8 @@ def report(run: Run, log: Logbook, loss: float, steps: int, elapsed: float) -> N
     }
     if run.scaler:
         values["train/grad_scale"] = float(run.scaler.get_scale())
+    if run.difficulty is not None:
+        values["mining/difficulty_mean"] = float(run.difficulty.scores.mean())
     for name, buffer in run.classifier.head.named_buffers():
         if buffer.ndim == 0:  # AdaFace batch_mean/batch_std, CurricularFace t
             values[f"head/{name}"] = float(buffer)
@@ -427,6 +440,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "rng": rng_state(),
         "train": {"best": run.best, "skipped_steps": run.skipped_steps},
         "validation": run.validation,
+        "difficulty": run.difficulty.scores if run.difficulty is not None else None,
         "meta": {
             "arch": cfg.model.backbone,
             "embedding_size": cfg.model.embedding_size,
@@ -475,6 +489,15 @@ def resume(run: Run, path: Path) -> str:
     run.step, run.epoch, run.step_in_epoch = state["step"], sampler["epoch"], sampler["step_in_epoch"]
     run.best, run.skipped_steps = state["train"]["best"], state["train"]["skipped_steps"]
     run.validation = state["validation"]
+    if run.difficulty is not None and state.get("difficulty") is not None:
+        if state["difficulty"].shape != run.difficulty.scores.shape:
+            raise CheckpointError(
+                f"{path}: difficulty scores of {state['difficulty'].numel()} images, the data has "
+                f"{run.difficulty.scores.numel()}"
+            )
+        run.difficulty.scores.copy_(state["difficulty"])
+    elif run.difficulty is not None:
+        changed.append("mining.difficulty (scores start at U(0, 1): the checkpoint has none)")
     run.last_checkpoint = path
     return f"resumed {path} at epoch {run.epoch} step {run.step}" + (
         f"; changed: {changed}" if changed else ""

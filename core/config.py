@@ -129,6 +129,15 @@ class LossConfig:
 
 
 @dataclass
+class MiningConfig:
+    """Per-image difficulty scores (SPEC §3.8): an EMA of each image's target cosine, identical on every
+    rank, saved with checkpoints (the closeness-diversity method's stage 1 tracks them for stage 2)."""
+
+    difficulty: bool = False
+    momentum: float = 0.9
+
+
+@dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1  # for a global batch of 1024 (insightface); scale linearly with the batch
@@ -176,6 +185,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -98,6 +98,7 @@ class PartialFC(nn.Module):
             head, embedding_size=embedding_size, num_classes=self.num_local, **head_params
         )
         self.last_index: torch.Tensor | None = None  # local classes scored in the last step (for tests/logs)
+        self.last_target_cos: torch.Tensor | None = None  # target cosines of the last global batch
         if init_seed is not None:
             self._init_shard(init_seed)
 
@@ -140,6 +141,7 @@ class PartialFC(nn.Module):
             here = local >= 0
             cos_y_all = torch.where(here, self.head.target_cos(cos, local).detach(), 0.0)
             cos_y_all = all_reduce(cos_y_all, "sum")
+            self.last_target_cos = cos_y_all
             logits = self.head.logits(cos, local, all_embeddings.norm(dim=1), cos_y_all)
             return _ShardedCrossEntropy.apply(logits, local), all_labels
 

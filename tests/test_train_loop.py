@@ -21,7 +21,9 @@ from backbones import build_backbone
 from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.extract import backbone_embedder, extract
+from data.sampler import GlobalBatchSampler
 from data.verification import load_bin
+from mining import DifficultyScores
 from tests.synthetic_faces import write_identity_folder, write_pairs_bin
 from validation_hq.protocol import evaluate_pairs, fuse_flip
 
@@ -120,6 +122,7 @@ def test_a_tiny_run_learns_to_verify_unseen_identities(faces, tmp_path):
 RESUME_SET = (
     "train.epochs=2", "data.batch_size=16", "model.dropout=0.2", "head.name=adaface", "head.params={}",
     "head.sample_rate=0.5", "data.augment.crop=0.5", "data.augment.photometric=0.5", "train.log_every=1",
+    "mining.difficulty=true",
 )  # fmt: skip
 
 
@@ -151,6 +154,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(faces, tmp_path):
         assert torch.equal(
             sa["optimizer"]["state"][key]["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"]
         )
+    assert torch.equal(sa["difficulty"], sb["difficulty"])  # the per-image scores survive the kill too
     assert "resumed" in (broken / "train.log").read_text()
 
 
@@ -168,13 +172,15 @@ def test_two_processes_equal_one_and_resume_on_one(faces, tmp_path):
     # clipping: it would hide a wrong gradient scale.
     common = (
         "train.epochs=2", "train.log_every=1", "data.augment.crop=0.5", "data.batch_size=8",
-        "train.save_every=1", "optim.grad_clip=0", "train.max_steps=2",
+        "train.save_every=1", "optim.grad_clip=0", "train.max_steps=2", "mining.difficulty=true",
     )  # fmt: skip
     one, two, moved = tmp_path / "one", tmp_path / "two", tmp_path / "moved"
     run_train("--set", *overrides(faces["small"], one, *common, "optim.grad_accum=2"))
     run_train("--set", *overrides(faces["small"], two, *common), torchrun=2)
     update = max_difference(one / "step_2.pt", one / "step_1.pt")
     assert max_difference(one / "step_1.pt", two / "step_1.pt") < 1e-3 * update
+    scores = [load_checkpoint(d / "step_1.pt")["difficulty"] for d in (one, two)]
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=0)  # global-batch EMA on every rank
     assert max_difference(one / "step_2.pt", two / "step_2.pt") < 0.02 * update
 
     # step 1 on 2 processes, step 2 on 1 process with accumulation
@@ -287,3 +293,20 @@ def test_dry_run_runs_two_steps_and_reports(faces, tmp_path, capsys):
     assert report["embedding"] == [32, 64] and report["global_batch"] == 32
     assert all(np.isfinite(report["losses"]))
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_difficulty_scores_move_only_for_the_images_of_the_step(faces, tmp_path):
+    cfg = load_config(
+        CONFIG, overrides(faces["small"], tmp_path / "d", "data.batch_size=16", "train.max_steps=1",
+                          "mining.difficulty=true")
+    )  # fmt: skip
+    run = train.fit(cfg)
+    initial = DifficultyScores(96, seed=cfg.experiment.seed).scores
+    moved = torch.nonzero(run.difficulty.scores != initial).squeeze(1)
+    sampler = GlobalBatchSampler(96, 16, seed=cfg.experiment.seed)
+    first_batch = sorted(i for _, i in next(iter(sampler)))
+    assert moved.tolist() == first_batch
+    # d <- 0.9 d + 0.1 cos: the new scores are cosines' EMA, inside the reachable interval
+    low, high = 0.9 * initial[moved] - 0.1, 0.9 * initial[moved] + 0.1
+    assert ((run.difficulty.scores[moved] >= low) & (run.difficulty.scores[moved] <= high)).all()
+    assert torch.equal(load_checkpoint(tmp_path / "d" / "last.pt")["difficulty"], run.difficulty.scores)
