@@ -1,7 +1,9 @@
 """The main job on real faces: train a small model on CPU and evaluate it on people it has never seen.
 
 1. packs the CelebA identities of the data folder (aligned 112x112 crops) into a RecordIO (reused later);
-2. takes the 6,000 LFW pairs (``lfw_yunet112.bin``) as the validation set: no LFW person is in CelebA;
+2. builds the 6,000 official LFW pairs from the raw LFW photos with this framework's own pipeline
+   (YuNet detection, alignment to the ArcFace template, ``scripts/prepare_dataset.py``; reused later):
+   no LFW person is in CelebA;
 3. trains ``configs/demo_cpu.yaml`` through ``train.py`` (``--resume auto``: a second run continues or, when
    finished, only re-evaluates), validating on LFW with the 10-fold protocol;
 4. prints the LFW result and where the checkpoint, logs and TensorBoard files are.
@@ -12,13 +14,13 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 from core.checkpoint import load_checkpoint
 from core.paths import PROJECT_ROOT, shared_data_dir
 from data.recordio import RecordIOFaceSet, pack_folder
+from scripts import prepare_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,30 +48,38 @@ def prepare_training_rec(celeba: Path, out: Path) -> Path:
     return rec
 
 
-def prepare_validation(lfw_bin: Path, out: Path) -> Path:
-    """A folder holding ``lfw.bin`` (the name train.py's ``data.val_targets`` looks for)."""
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_validation(photos: Path, pairs: Path, out: Path) -> Path:
+    """``out/lfw.bin`` (the name train.py's ``data.val_targets`` looks for) from the raw LFW photos."""
     target = out / "lfw.bin"
-    if not target.exists():
-        shutil.copyfile(lfw_bin, target)
-    print(f"[2/4] validation: {lfw_bin} as {target}")
+    if target.is_file():
+        print(f"[2/4] reusing {target}")
+        return out
+    print(f"[2/4] detecting and aligning {photos} -> {target}")
+    args = [str(photos), str(out), "--flat", "--pairs", str(pairs), "--bin", "lfw.bin"]
+    if prepare_dataset.main(args) != 0:
+        raise SystemExit(f"demo: could not build {target} from {photos}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    celeba, lfw_bin = args.data / "celeba_aligned112", args.data / "lfw_yunet112.bin"
-    for needed in (celeba, lfw_bin):
+    celeba, lfw_photos, lfw_pairs = (
+        args.data / "celeba_aligned112",
+        args.data / "lfw_color150",
+        args.data / "lfw_pairs.txt",
+    )
+    for needed in (celeba, lfw_photos, lfw_pairs):
         if not needed.exists():
             print(
                 f"demo: {needed} not found. Point DATA= (make demo DATA=/path) or --data at a folder "
                 "laid out like ../shared/data: celeba_aligned112/<identity>/<img>.jpg (CelebA, aligned "
-                "112x112) and lfw_yunet112.bin (the 6,000 LFW pairs in insightface .bin layout).",
+                "112x112), lfw_color150/<Name>_<NNNN>.jpg (the LFW photos) and lfw_pairs.txt (LFW's "
+                "pairs.txt).",
                 file=sys.stderr,
             )
             return 1
     rec = prepare_training_rec(celeba, args.out / "celeba")
-    val_root = prepare_validation(lfw_bin, args.out / "val")
+    val_root = prepare_validation(lfw_photos, lfw_pairs, args.out / "lfw")
 
     import train  # the entry point itself, so the demo runs exactly what users launch
 
