@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,3 +63,15 @@ def test_no_bins_is_an_error(shared_data, tmp_path, capsys):
     model = shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"
     assert evaluate.main(["--model", str(model), "--bin-dir", str(tmp_path)]) == 2
     assert "no .bin given" in capsys.readouterr().err
+
+
+def test_eval_hq_script(shared_data, small_bin, tmp_path):
+    model = shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "r.json")}
+    proc = subprocess.run(
+        ["bash", "validation_hq/eval_hq.sh", str(model), str(small_bin.parent), "--color", "bgr"],
+        cwd=Path(evaluate.__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["lfw"]["pairs"] == 60
