@@ -47,13 +47,14 @@ def evaluate_bins(embed, bins: Sequence[Path], fusion: str = "sum", batch_size: 
 
 
 def format_table(results: dict[str, Any]) -> str:
-    rows = [f"{'set':<10} {'pairs':>6} {'accuracy':>16} {'VAL@1e-3':>9} {'norm':>7}"]
-    for name, r in results.items():
-        if isinstance(r, dict) and "accuracy" in r:
-            accuracy = f"{r['accuracy'] * 100:.2f} ± {r['accuracy_std'] * 100:.2f}"
-            rows.append(f"{name:<10} {r['pairs']:>6} {accuracy:>16} {r['val_at_far_1e-3'] * 100:>8.2f}% "
-                        f"{r['feature_norm']:>7.2f}")  # fmt: skip
-    rows.append(f"{'mean':<10} {'':>6} {results['mean_accuracy'] * 100:>14.2f}")
+    sets = {name: r for name, r in results.items() if isinstance(r, dict) and "accuracy" in r}
+    w = max(10, *(len(name) for name in sets))
+    rows = [f"{'set':<{w}} {'pairs':>6} {'accuracy':>16} {'VAL@1e-3':>9} {'norm':>7}"]
+    for name, r in sets.items():
+        accuracy = f"{r['accuracy'] * 100:.2f} ± {r['accuracy_std'] * 100:.2f}"
+        rows.append(f"{name:<{w}} {r['pairs']:>6} {accuracy:>16} {r['val_at_far_1e-3'] * 100:>8.2f}% "
+                    f"{r['feature_norm']:>7.2f}")  # fmt: skip
+    rows.append(f"{'mean':<{w}} {'':>6} {results['mean_accuracy'] * 100:>14.2f}")
     return "\n".join(rows)
 
 
