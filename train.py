@@ -65,6 +65,7 @@ from heads.registry import HEADS
 from losses import LOSSES
 from losses.softmax_losses import inverse_log_frequency_weights
 from mining import DifficultyScores
+from mining.closeness_diversity import ClosenessDiversityMiner, MinedTerms
 from validation_hq.protocol import evaluate_pairs, fuse_flip
 
 
@@ -98,6 +99,8 @@ class Run:
     val_paths: list[Path]
     total_steps: int
     difficulty: DifficultyScores | None = None  # per-image EMA target cosine (mining.difficulty)
+    miner: ClosenessDiversityMiner | None = None  # closeness-diversity stage 2 (mining.cd_interval)
+    mined: MinedTerms | None = None  # the last mined batch's terms
     step: int = 0  # optimizer steps done
     epoch: int = 0
     step_in_epoch: int = 0
@@ -218,11 +221,29 @@ def build(cfg: Config, device: torch.device) -> Run:
     difficulty = None
     if cfg.mining.difficulty:
         difficulty = DifficultyScores(len(dataset), cfg.mining.momentum, seed=cfg.experiment.seed).to(device)
-    return Run(
+    miner = build_miner(cfg, faces.source.indices_per_identity(), classifier)
+    run = Run(
         cfg=cfg, device=device, out=Path(cfg.output_dir), dataset=dataset, sampler=sampler,
         backbone=backbone, model=model, classifier=classifier, loss=loss, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, val_paths=val_set_paths(cfg), total_steps=total_steps,
-        difficulty=difficulty,
+        difficulty=difficulty, miner=miner,
+    )  # fmt: skip
+    if miner is not None:  # mined images take the training transform of the current epoch
+        miner.load = lambda positions: torch.stack([run.dataset[(run.epoch, int(i))][0] for i in positions])
+    return run
+
+
+def build_miner(cfg: Config, positions: dict, classifier: PartialFC) -> ClosenessDiversityMiner | None:
+    m = cfg.mining
+    if m.cd_interval <= 0:
+        return None
+    if not m.difficulty:
+        raise ConfigError("mining.cd_interval needs mining.difficulty: true (stage 2 mines by the scores)")
+    classifier.keep_cosines = True
+    return ClosenessDiversityMiner(
+        positions, classes=m.cd_classes, num_easy=m.cd_easy, num_hard=m.cd_hard, negatives=m.cd_negatives,
+        weight_closeness=m.cd_weight_closeness, weight_diversity=m.cd_weight_diversity,
+        percentile=m.cd_percentile, scale=m.cd_scale,
     )  # fmt: skip
 
 
@@ -236,13 +257,15 @@ def seed_step(run: Run) -> None:
     torch.manual_seed(int(seed))
 
 
+def network_input(run: Run, images: torch.Tensor) -> torch.Tensor:
+    x = normalize_batch(images.to(run.device, non_blocking=True), color=run.cfg.data.color)
+    return x.contiguous(memory_format=torch.channels_last) if run.cfg.model.channels_last else x
+
+
 def forward_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Loss of one micro-batch: the global-batch loss on the sharded classifier, plus a head's own
     regulariser (MagFace) as this rank's share of a global mean."""
-    x = normalize_batch(images.to(run.device, non_blocking=True), color=run.cfg.data.color)
-    if run.cfg.model.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    embeddings = run.model(x)
+    embeddings = run.model(network_input(run, images))
     ce, all_labels = run.classifier.per_sample_ce(embeddings, labels.to(run.device, non_blocking=True))
     loss = run.loss.reduce(ce, all_labels)
     regularizer = getattr(run.classifier.head, "regularizer", None)
@@ -288,6 +311,8 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     run.bad_steps = 0
     for indices, target_cos in seen:  # only a step that counts moves the scores
         run.difficulty.update(indices.to(run.device), target_cos)
+    if run.miner is not None and (run.step + 1) % run.cfg.mining.cd_interval == 0:
+        add_mined_gradient(run, micro_batches[-1][1])
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
     if run.cfg.optim.grad_clip > 0:
@@ -299,6 +324,21 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
         run.optimizer.step()
     run.scheduler.step()
     return total
+
+
+def add_mined_gradient(run: Run, labels: torch.Tensor) -> None:
+    """Closeness-diversity stage 2: the mined batch's gradient joins the step's (skipped if not finite)."""
+    rng = np.random.default_rng([run.cfg.experiment.seed, get_rank(), run.step])
+    scale = run.scaler.get_scale() if run.scaler else 1.0
+    grads, terms = run.miner.gradient(
+        run.backbone, run.classifier, run.difficulty, labels, lambda x: network_input(run, x), rng, scale
+    )
+    if not (math.isfinite(terms.closeness) and math.isfinite(terms.diversity)):
+        return
+    params = [p for p in run.backbone.parameters() if p.requires_grad]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g if p.grad is None else p.grad.add_(g)
+    run.mined = terms
 
 
 def micro_batch_groups(loader: DataLoader, size: int) -> Iterator[list[Any]]:
@@ -365,6 +405,9 @@ def report(run: Run, log: Logbook, loss: float, steps: int, elapsed: float) -> N
         values["train/grad_scale"] = float(run.scaler.get_scale())
     if run.difficulty is not None:
         values["mining/difficulty_mean"] = float(run.difficulty.scores.mean())
+    if run.mined is not None:
+        values.update({"mining/closeness": run.mined.closeness, "mining/diversity": run.mined.diversity,
+                       "mining/threshold": run.mined.threshold})  # fmt: skip
     for name, buffer in run.classifier.head.named_buffers():
         if buffer.ndim == 0:  # AdaFace batch_mean/batch_std, CurricularFace t
             values[f"head/{name}"] = float(buffer)

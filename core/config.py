@@ -135,6 +135,18 @@ class MiningConfig:
 
     difficulty: bool = False
     momentum: float = 0.9
+    # Closeness-diversity stage 2: every cd_interval steps (0: never) a mined batch of cd_classes classes
+    # (over all ranks) x (cd_easy easy + cd_hard hard images) adds W_C closeness + W_D diversity, the
+    # prototypes being the centres of the classes' cd_negatives hardest negative classes.
+    cd_interval: int = 0
+    cd_classes: int = 64
+    cd_easy: int = 7
+    cd_hard: int = 1
+    cd_negatives: int = 500
+    cd_weight_closeness: float = 0.5
+    cd_weight_diversity: float = 1.0
+    cd_percentile: float = 0.2
+    cd_scale: float = 64.0
 
 
 @dataclass

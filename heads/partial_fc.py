@@ -99,6 +99,8 @@ class PartialFC(nn.Module):
         )
         self.last_index: torch.Tensor | None = None  # local classes scored in the last step (for tests/logs)
         self.last_target_cos: torch.Tensor | None = None  # target cosines of the last global batch
+        self.keep_cosines = False  # keep the last batch's cosines for top_negatives (mining)
+        self._last_cos: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         if init_seed is not None:
             self._init_shard(init_seed)
 
@@ -138,6 +140,8 @@ class PartialFC(nn.Module):
                 index = None
             self.last_index = index
             cos = self.head.cosine(all_embeddings, weight)
+            if self.keep_cosines:
+                self._last_cos = (cos.detach(), local, index)
             here = local >= 0
             cos_y_all = torch.where(here, self.head.target_cos(cos, local).detach(), 0.0)
             cos_y_all = all_reduce(cos_y_all, "sum")
@@ -155,6 +159,44 @@ class PartialFC(nn.Module):
         remap = torch.full((self.num_local,), -1, dtype=torch.long, device=local.device)
         remap[index] = torch.arange(keep, device=local.device)
         return index, torch.where(local >= 0, remap[local.clamp(min=0)], -1)
+
+    # -- mining -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def top_negatives(self, k: int) -> torch.Tensor:
+        """(N global, k) ids of the k non-target classes with the highest cosine for each sample of the last
+        global batch, ranked across all shards (-1 pads when fewer classes exist). Needs ``keep_cosines``."""
+        if self._last_cos is None:
+            raise RuntimeError("PartialFC.top_negatives needs keep_cosines = True and a forward pass first")
+        cos, local, index = self._last_cos
+        cos = cos.clone()
+        rows = torch.nonzero(local >= 0).squeeze(1)
+        cos[rows, local[rows]] = float("-inf")  # not the target class
+        take = min(k, cos.shape[1])
+        values, columns = cos.topk(take, dim=1)
+        ids = (columns if index is None else index[columns]) + self.class_start
+        if take < k:  # every rank contributes k columns, so the gathered blocks line up
+            pad = k - take
+            values = torch.cat([values, values.new_full((len(values), pad), float("-inf"))], dim=1)
+            ids = torch.cat([ids, ids.new_full((len(ids), pad), -1)], dim=1)
+        all_values = torch.cat(all_gather_padded(values.T.contiguous())).T  # (N, k * world)
+        all_ids = torch.cat(all_gather_padded(ids.T.contiguous())).T
+        best = all_values.topk(k, dim=1).indices
+        return torch.where(torch.isfinite(all_values.gather(1, best)), all_ids.gather(1, best), -1)
+
+    @torch.no_grad()
+    def gather_centres(self, ids: torch.Tensor) -> torch.Tensor:
+        """Class centres (len(ids), E) of global class ``ids``, wherever they live (every rank must call)."""
+        requests = all_gather_padded(ids.to(self.head.weight.device, torch.long))
+        answers = []
+        for request in requests:  # each rank fills in the rows it owns, the sum assembles them
+            rows = torch.zeros(len(request), self.embedding_size, device=self.head.weight.device)
+            mine = (request >= self.class_start) & (request < self.class_start + self.num_local)
+            rows[mine] = self.head.weight[request[mine] - self.class_start].float()
+            answers.append(rows)
+        total = all_reduce(torch.cat(answers), "sum")
+        start = sum(len(r) for r in requests[: get_rank()])
+        return total[start : start + len(ids)]
 
     # -- unsharded checkpoints ----------------------------------------------------------------------
 

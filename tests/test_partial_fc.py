@@ -175,13 +175,18 @@ def _loss_worker(rank: int, port: int, out: str, loss_name: str, loss_params: di
         pfc.load_state_dict({"weight": weight})
         optimizer = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9)
         x_local = x[rank * B : (rank + 1) * B].clone().requires_grad_()
+        pfc.keep_cosines = True
         ce, all_labels = pfc.per_sample_ce(x_local, y[rank * B : (rank + 1) * B])
+        negatives = pfc.top_negatives(4)  # ranked across both shards
+        wanted = torch.tensor([rank, C - 1 - rank, 5])  # centres living on either rank
+        centres = pfc.gather_centres(wanted)
         loss = build_loss(loss_name, **loss_params).reduce(ce, all_labels)
         loss.backward()
         optimizer.step()
         torch.save(
             {"loss": loss.detach(), "x_grad": x_local.grad, "labels": all_labels, "init": init,
-             "optimizer": pfc.optimizer_state_dict(optimizer)},
+             "optimizer": pfc.optimizer_state_dict(optimizer), "negatives": negatives, "wanted": wanted,
+             "centres": centres},
             Path(out) / f"rank{rank}.pt",
         )  # fmt: skip
     finally:
@@ -210,6 +215,14 @@ def test_losses_on_sharded_cross_entropy_equal_full_logits(tmp_path, loss_name, 
         torch.testing.assert_close(momentum, ref_opt.state[head.weight]["momentum_buffer"], atol=1e-6, rtol=0)
         # centres drawn per block of classes from the seed: the same start at any world size
         torch.testing.assert_close(res["init"], PartialFC("arcface", E, C, init_seed=5).head.weight.double())
+
+    # hard negatives ranked across shards and centres fetched from their owners equal the full classifier's
+    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T
+    cos[torch.arange(len(y)), y] = float("-inf")
+    expected = cos.topk(4, dim=1).indices
+    for res in results:
+        assert torch.equal(res["negatives"], expected)
+        torch.testing.assert_close(res["centres"], weight[res["wanted"]].float())
 
     # the gathered optimizer state loads into one process holding all classes
     one = PartialFC("arcface", E, C).double()

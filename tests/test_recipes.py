@@ -72,3 +72,28 @@ def test_recipe_launcher_runs_torchrun_on_cpu(faces, tmp_path):
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["step"] == 2 and state["meta"]["arch"] == "mbf" and state["meta"]["head"] == "arcface"
     assert "2 processes" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_closeness_diversity_runs_both_stages(faces, tmp_path):
+    # stage 1 tracks the scores, stage 2 resumes it and adds the mined terms every 2nd step (2 processes)
+    env = {**os.environ, "NPROC": "2", "DATA_ROOT": str(faces), "BACKBONE": "mbf", "OUTPUT": str(tmp_path),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    small = [
+        *SMALL[1:], "data.format=folder", "data.batch_size=4", "train.log_every=1", "mining.cd_interval=2",
+        "mining.cd_classes=4", "mining.cd_easy=2", "mining.cd_negatives=3",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "scripts/train_cd.sh", "--set", *small], cwd=ROOT, env=env, capture_output=True, text=True,
+        check=False, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stage1, stage2 = (
+        load_checkpoint(tmp_path / "stage1" / "last.pt"),
+        load_checkpoint(tmp_path / "stage2" / "last.pt"),
+    )
+    assert stage1["difficulty"] is not None and stage2["step"] > stage1["step"]
+    log = (tmp_path / "stage2" / "train.log").read_text()
+    assert f"resumed {tmp_path / 'stage1' / 'last.pt'}" in log
+    mined = [line for line in log.splitlines() if " closeness " in line]
+    assert mined and all(float(line.split(" closeness ")[1].split()[0]) >= 0 for line in mined)
+    assert " diversity " in mined[-1] and " threshold " in mined[-1]
