@@ -1,7 +1,7 @@
 """Train a face-recognition model from a YAML config, on one process or under torchrun.
 
     python train.py --config configs/cpu_tiny.yaml --set data.root=PATH output_dir=DIR
-    torchrun --nproc_per_node=8 train.py --config configs/ms1mv2_r50_arcface.yaml
+    torchrun --nproc_per_node=8 train.py --config configs/recipes/arcface.yaml --set data.root=/data/ms1mv2
     python train.py --config ... --resume auto          # continue DIR/last.pt (fresh start if none)
     python train.py --config ... --dry-run              # build everything, run 2 steps, report
 
@@ -508,6 +508,11 @@ def resume(run: Run, path: Path) -> str:
     """Continue from checkpoint ``path``: weights, head buffers, optimizer, schedule, scaler, position.
     Returns the line to log."""
     state = load_checkpoint(path, map_location=run.device)
+    missing = [key for key in ("optimizer", "sampler", "head", "scheduler") if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: holds no {', '.join(missing)}: a weights-only checkpoint cannot be resumed"
+        )
     sampler = state["sampler"]
     if sampler["global_batch"] != run.sampler.global_batch:
         raise CheckpointError(

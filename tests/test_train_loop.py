@@ -310,3 +310,15 @@ def test_difficulty_scores_move_only_for_the_images_of_the_step(faces, tmp_path)
     low, high = 0.9 * initial[moved] - 0.1, 0.9 * initial[moved] + 0.1
     assert ((run.difficulty.scores[moved] >= low) & (run.difficulty.scores[moved] <= high)).all()
     assert torch.equal(load_checkpoint(tmp_path / "d" / "last.pt")["difficulty"], run.difficulty.scores)
+
+
+def test_a_weights_only_checkpoint_is_refused_for_resume(faces, tmp_path, capsys):
+    from core.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "weights.pt", {"backbone": {}, "meta": {"arch": "mbf"}})
+    status = train.main(["--config", CONFIG, "--set", *overrides(faces["small"], tmp_path / "o"),
+                         "--resume", str(tmp_path / "weights.pt")])  # fmt: skip
+    assert status == 2
+    assert (
+        "holds no optimizer, sampler, head, scheduler: a weights-only checkpoint" in capsys.readouterr().err
+    )
