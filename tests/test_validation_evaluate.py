@@ -75,3 +75,15 @@ def test_eval_hq_script(shared_data, small_bin, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["lfw"]["pairs"] == 60
+
+
+def test_cached_features_rescore_without_the_model(embed, small_bin, tmp_path):
+    first = evaluate.evaluate_bins(embed, [small_bin], cache=tmp_path, key="m")
+    assert (tmp_path / "lfw__m.npz").is_file()
+
+    def no_model(images):
+        raise AssertionError("the cache should have answered")
+
+    again = evaluate.evaluate_bins(no_model, [small_bin], fusion="concat", cache=tmp_path, key="m")
+    assert again["lfw"]["feature_norm"] == first["lfw"]["feature_norm"]
+    assert again["lfw"]["accuracy"] > 0.9

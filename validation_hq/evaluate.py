@@ -27,12 +27,34 @@ from validation_hq.protocol import FUSIONS, evaluate_pairs, fuse_flip
 SETS = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
 
 
-def evaluate_bins(embed, bins: Sequence[Path], fusion: str = "sum", batch_size: int = 128) -> dict[str, Any]:
-    """Protocol results per set (and their mean accuracy) for an embedder of uint8 RGB batches."""
+def cached_features(
+    embed, val, batch_size: int, cache: Path | None, key: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features of a set and of its flips, read from ``cache/<set>__<key>.npz`` when an earlier run wrote
+    them for the same model file (so re-scoring, e.g. with another fusion, needs no model)."""
+    path = cache / f"{val.name}__{key}.npz" if cache else None
+    if path is not None and path.is_file():
+        with np.load(path) as saved:
+            if saved["original"].shape[0] == len(val.images):
+                return saved["original"], saved["flipped"]
+    original, flipped = extract(embed, val.images, batch_size, flip=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "wb") as fh:
+            np.savez(fh, original=original, flipped=flipped)
+    return original, flipped
+
+
+def evaluate_bins(
+    embed, bins: Sequence[Path], fusion: str = "sum", batch_size: int = 128, cache: Path | None = None,
+    key: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """Protocol results per set (and their mean accuracy) for an embedder of uint8 RGB batches; with
+    ``cache``, features are stored and reused under ``key`` (which must name the model)."""
     results: dict[str, Any] = {}
     for path in bins:
         val = load_bin(path)
-        original, flipped = extract(embed, val.images, batch_size, flip=fusion != "none")
+        original, flipped = cached_features(embed, val, batch_size, cache, key)
         metrics = evaluate_pairs(fuse_flip(original, flipped, fusion), val.issame)
         results[val.name] = {
             "pairs": len(val.issame),
@@ -72,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fusion", choices=FUSIONS, default="sum", help="flip fusion (none: no flip)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--cache", type=Path, help="folder for features (.npz), reused by later runs")
     args = parser.parse_args(argv)
     bins = list(args.bins)
     if args.bin_dir:
@@ -81,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         embed = load_embedder(args.model, backbone=args.backbone, color=args.color)
-        results = evaluate_bins(embed, bins, args.fusion, args.batch_size)
+        stat = args.model.stat()
+        key = f"{args.model.stem}_{stat.st_size}_{int(stat.st_mtime)}_{embed.color}"
+        results = evaluate_bins(embed, bins, args.fusion, args.batch_size, args.cache, key)
     except (FileNotFoundError, ValueError, VerificationFileError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
