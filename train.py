@@ -50,7 +50,8 @@ from core.distributed import (
     register_sum_hook,
     shutdown_distributed,
 )
-from core.extract import backbone_embedder, extract
+from core.embedders import TorchEmbedder
+from core.extract import extract
 from core.logbook import Logbook
 from core.optim import build_optimizer, build_scheduler
 from core.registry import UnknownNameError
@@ -66,7 +67,7 @@ from losses import LOSSES
 from losses.softmax_losses import inverse_log_frequency_weights
 from mining import DifficultyScores
 from mining.closeness_diversity import ClosenessDiversityMiner, MinedTerms
-from validation_hq.protocol import evaluate_pairs, fuse_flip
+from validation_hq.evaluate import score
 
 
 class TrainingError(RuntimeError):
@@ -422,18 +423,11 @@ def report(run: Run, log: Logbook, loss: float, steps: int, elapsed: float) -> N
 def evaluate(run: Run) -> dict[str, dict[str, float]]:
     """10-fold accuracy (SPEC §5.2, flip-sum fusion) on every validation set. Every rank embeds its share
     of the images and receives all features, so no rank waits on another past the collective timeout."""
-    run.backbone.eval()
-    embedder = backbone_embedder(run.backbone, run.device, run.cfg.data.color, run.cfg.model.channels_last)
+    embedder = TorchEmbedder(run.backbone, run.cfg.data.color, run.device, run.cfg.model.channels_last)
     results = {}
     for val in run.val_sets:
         original, flipped = extract(embedder, val.images, run.cfg.train.val_batch_size, flip=True, shard=True)
-        metrics = evaluate_pairs(fuse_flip(original, flipped, "sum"), val.issame)
-        results[val.name] = {
-            "accuracy": metrics["accuracy"],
-            "accuracy_std": metrics["accuracy_std"],
-            "val_at_far": metrics["val"],
-            "feature_norm": float(np.linalg.norm(original, axis=1).mean()),
-        }
+        results[val.name] = score(original, flipped, val.issame, "sum")
     run.backbone.train()
     return results
 
@@ -444,8 +438,9 @@ def validate_and_log(run: Run, log: Logbook) -> bool:
         return False
     results = evaluate(run)
     run.validation = results
+    shown = ("accuracy", "accuracy_std", "val_at_far_1e-3", "feature_norm")
     for name, metrics in results.items():
-        log.scalars(run.step, {f"val/{name}_{key}": value for key, value in metrics.items()})
+        log.scalars(run.step, {f"val/{name}_{key}": metrics[key] for key in shown})
     mean = float(np.mean([m["accuracy"] for m in results.values()]))
     log.scalars(run.step, {"val/mean_accuracy": mean})
     table = " ".join(

@@ -19,14 +19,25 @@ from data.transforms import normalize_batch
 
 
 class TorchEmbedder:
-    """A backbone in eval mode; ``color`` is the order its network was trained on."""
+    """A backbone, put in eval mode; ``color`` is the order its network was trained on; ``channels_last``
+    feeds the input in that memory format (for a model converted to it)."""
 
-    def __init__(self, model: nn.Module, color: str = "rgb", device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        color: str = "rgb",
+        device: str | torch.device = "cpu",
+        channels_last: bool = False,
+    ) -> None:
         self.model, self.color, self.device = model.eval().to(device), color, torch.device(device)
+        self.channels_last = channels_last
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize_batch(torch.as_tensor(images).to(self.device), self.color)).float().cpu()
+        x = normalize_batch(torch.as_tensor(images).to(self.device, non_blocking=True), self.color)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu()
 
 
 class OnnxEmbedder:

@@ -1,10 +1,10 @@
 """Batched embedding extraction shared by training-time validation and the evaluators.
 
-An *embedder* maps a uint8 RGB batch (N, 3, H, W) to features (N, D). :func:`backbone_embedder` makes one
-from a backbone (normalisation and colour order applied on the device, eval mode, no grad).
-:func:`extract` runs an embedder over an image array (and its horizontal flips) in fixed batches; with
-``shard=True`` under torch.distributed every rank embeds a contiguous block and the blocks are gathered, so
-all ranks take part (none waits past the collective timeout) and all get the same features.
+An *embedder* maps a uint8 RGB batch (N, 3, H, W) to features (N, D) (``core.embedders`` makes them from
+backbones, checkpoints and ONNX files). :func:`extract` runs an embedder over an image array (and its
+horizontal flips) in fixed batches; with ``shard=True`` under torch.distributed every rank embeds a
+contiguous block and the blocks are gathered, so all ranks take part (none waits past the collective
+timeout) and all get the same features.
 """
 
 from __future__ import annotations
@@ -13,27 +13,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from core.distributed import all_gather_padded, get_rank, get_world_size
-from data.transforms import normalize_batch
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
-
-
-def backbone_embedder(
-    model: nn.Module, device: torch.device, color: str = "rgb", channels_last: bool = False
-) -> Embedder:
-    """uint8 RGB batch -> float32 un-normalised embeddings of ``model`` (put in eval mode by the caller)."""
-
-    @torch.no_grad()
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        x = normalize_batch(images.to(device, non_blocking=True), color=color)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return model(x).float()
-
-    return embed
 
 
 def extract(

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     lfw = state["validation"]["lfw"]
     print("[4/4] LFW, 6,000 pairs of people not in the training data (10-fold, flip-sum fusion):")
     print(f"      accuracy {lfw['accuracy'] * 100:.2f}% ± {lfw['accuracy_std'] * 100:.2f}, "
-          f"VAL@FAR=1e-3 {lfw['val_at_far'] * 100:.2f}% after {state['step']} steps")  # fmt: skip
+          f"VAL@FAR=1e-3 {lfw['val_at_far_1e-3'] * 100:.2f}% after {state['step']} steps")  # fmt: skip
     print(f"      checkpoint {run_dir / 'last.pt'} (best: {run_dir / 'best.pt'})")
     print(f"      config {run_dir / 'config.yaml'}")
     print(f"      log {run_dir / 'train.log'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")

@@ -20,7 +20,8 @@ import train
 from backbones import build_backbone
 from core.checkpoint import load_checkpoint
 from core.config import load_config
-from core.extract import backbone_embedder, extract
+from core.embedders import TorchEmbedder
+from core.extract import extract
 from data.sampler import GlobalBatchSampler
 from data.verification import load_bin
 from mining import DifficultyScores
@@ -84,7 +85,7 @@ def test_a_tiny_run_learns_to_verify_unseen_identities(faces, tmp_path):
     val = load_bin(faces["val"] / "lfw.bin")
     torch.manual_seed(2048)
     untrained = build_backbone("mbf", embedding_size=64, input_size=32).eval()
-    original, flipped = extract(backbone_embedder(untrained, torch.device("cpu")), val.images, 100)
+    original, flipped = extract(TorchEmbedder(untrained), val.images, 100)
     chance = evaluate_pairs(fuse_flip(original, flipped), val.issame)["accuracy"]
 
     log = (out / "train.log").read_text()

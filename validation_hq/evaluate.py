@@ -55,17 +55,22 @@ def evaluate_bins(
     for path in bins:
         val = load_bin(path)
         original, flipped = cached_features(embed, val, batch_size, cache, key)
-        metrics = evaluate_pairs(fuse_flip(original, flipped, fusion), val.issame)
-        results[val.name] = {
-            "pairs": len(val.issame),
-            "accuracy": metrics["accuracy"],
-            "accuracy_std": metrics["accuracy_std"],
-            "val_at_far_1e-3": metrics["val"],
-            "far": metrics["far"],
-            "feature_norm": float(np.linalg.norm(original, axis=1).mean()),
-        }
+        results[val.name] = score(original, flipped, val.issame, fusion)
     results["mean_accuracy"] = float(np.mean([r["accuracy"] for r in results.values()]))
     return results
+
+
+def score(original: np.ndarray, flipped: np.ndarray | None, issame: np.ndarray, fusion: str = "sum") -> dict:
+    """The reported numbers of one set from its features (training-time validation uses the same)."""
+    metrics = evaluate_pairs(fuse_flip(original, flipped, fusion), issame)
+    return {
+        "pairs": len(issame),
+        "accuracy": metrics["accuracy"],
+        "accuracy_std": metrics["accuracy_std"],
+        "val_at_far_1e-3": metrics["val"],
+        "far": metrics["far"],
+        "feature_norm": float(np.linalg.norm(original, axis=1).mean()),
+    }
 
 
 def format_table(results: dict[str, Any]) -> str:
