@@ -342,6 +342,17 @@ def add_mined_gradient(run: Run, labels: torch.Tensor) -> None:
     run.mined = terms
 
 
+def epoch_loader(run: Run) -> DataLoader:
+    """The micro-batches of epoch ``run.epoch`` from step ``run.step_in_epoch`` on."""
+    run.sampler.set_epoch(run.epoch, run.step_in_epoch)
+    return DataLoader(
+        run.dataset,
+        batch_sampler=run.sampler,
+        num_workers=run.cfg.data.num_workers,
+        pin_memory=run.device.type == "cuda",
+    )
+
+
 def micro_batch_groups(loader: DataLoader, size: int) -> Iterator[list[Any]]:
     group: list[Any] = []
     for batch in loader:
@@ -355,13 +366,7 @@ def train_one_epoch(run: Run, log: Logbook, limit: int) -> None:
     """Run epoch ``run.epoch`` from ``run.step_in_epoch`` on, validating and saving as configured, until
     the epoch ends or ``run.step`` reaches ``limit``."""
     cfg = run.cfg
-    run.sampler.set_epoch(run.epoch, run.step_in_epoch)
-    loader = DataLoader(
-        run.dataset,
-        batch_sampler=run.sampler,
-        num_workers=cfg.data.num_workers,
-        pin_memory=run.device.type == "cuda",
-    )
+    loader = epoch_loader(run)
     run.backbone.train()
     run.classifier.train()
     window_loss, window_good, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
@@ -586,8 +591,7 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
 def dry_run(cfg: Config, steps: int = 2) -> dict[str, object]:
     """Build everything, run ``steps`` optimizer steps without saving, return what was seen."""
     run = build(cfg, init_distributed())
-    run.sampler.set_epoch(0)
-    loader = DataLoader(run.dataset, batch_sampler=run.sampler, num_workers=cfg.data.num_workers)
+    loader = epoch_loader(run)
     start, losses = time.perf_counter(), []
     for i, micro_batches in enumerate(micro_batch_groups(loader, cfg.optim.grad_accum)):
         if i == steps:

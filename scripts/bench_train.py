@@ -103,12 +103,7 @@ def recordio_step(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[Callable[[], None], torch.nn.Module]:
     run = train.build(config(args, args.rec), device)
-    run.sampler.set_epoch(0)
-    batches = iter(
-        torch.utils.data.DataLoader(
-            run.dataset, batch_sampler=run.sampler, num_workers=args.workers, pin_memory=device.type == "cuda"
-        )
-    )
+    batches = iter(train.epoch_loader(run))
 
     def step() -> None:
         train.train_step(run, [next(batches)])
