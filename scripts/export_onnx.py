@@ -31,7 +31,7 @@ from torch import nn
 from core.checkpoint import NORMALIZATION
 from core.embedders import OnnxEmbedder, TorchEmbedder, load_embedder
 from core.paths import shared_data_dir
-from data.decode import decode_rgb
+from inference import read_aligned
 
 
 class FoldedInput(nn.Module):
@@ -93,7 +93,7 @@ def real_faces(folder: Path | None, count: int = 16) -> torch.Tensor:
     paths = sorted(folder.rglob("*.jpg"))[:count]
     if not paths:
         raise FileNotFoundError(f"no aligned .jpg faces under {folder} to check the export on")
-    return torch.from_numpy(np.stack([decode_rgb(p.read_bytes(), str(p)).transpose(2, 0, 1) for p in paths]))
+    return read_aligned(paths)
 
 
 def verify(embedder: TorchEmbedder, out: Path, fold: bool, images: torch.Tensor) -> float:
