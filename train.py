@@ -334,8 +334,8 @@ def add_mined_gradient(run: Run, labels: torch.Tensor) -> None:
     grads, terms = run.miner.gradient(
         run.backbone, run.classifier, run.difficulty, labels, lambda x: network_input(run, x), rng, scale
     )
-    if not (math.isfinite(terms.closeness) and math.isfinite(terms.diversity)):
-        return
+    if any_rank(not (math.isfinite(terms.closeness) and math.isfinite(terms.diversity))):
+        return  # on every rank alike: the gradients were already summed over ranks
     params = [p for p in run.backbone.parameters() if p.requires_grad]
     for p, g in zip(params, grads, strict=True):
         p.grad = g if p.grad is None else p.grad.add_(g)
