@@ -43,6 +43,7 @@ def _scores_worker(rank: int, port: int, out: str) -> None:
         cos = torch.tensor([[0.9, 0.1, -0.3], [0.5, 0.2, 0.7]])[rank]
         s.update(idx, cos)
         torch.save(s.scores, Path(out) / f"scores{rank}.pt")
+        dist.barrier()  # nobody tears the group down while another rank still uses it
     finally:
         dist.destroy_process_group()
 

@@ -73,6 +73,7 @@ def _worker(rank: int, port: int, out: str, name: str, params: dict, sample_rate
             },
             Path(out) / f"rank{rank}.pt",
         )
+        dist.barrier()  # nobody tears the group down while another rank still uses it
     finally:
         dist.destroy_process_group()
 
@@ -189,6 +190,7 @@ def _loss_worker(rank: int, port: int, out: str, loss_name: str, loss_params: di
              "centres": centres},
             Path(out) / f"rank{rank}.pt",
         )  # fmt: skip
+        dist.barrier()  # nobody tears the group down while another rank still uses it
     finally:
         dist.destroy_process_group()
 
