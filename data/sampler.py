@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 from core.config import ConfigError
 from data.transforms import FaceDataset, describe
@@ -76,28 +76,18 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
                 yield [(self.epoch, int(i)) for i in part]
 
 
-class KeyedFaceDataset(Dataset):
-    """``dataset[(epoch, i)] -> (uint8 image, label, i)`` with image i's augmentation seeded by
-    ``(seed, epoch, i)``; the index comes back for per-image bookkeeping (difficulty scores)."""
+class KeyedFaceDataset(FaceDataset):
+    """A :class:`FaceDataset` read by ``(epoch, i)`` keys -> (uint8 image, label, i), with image i's
+    augmentation seeded by ``(seed, epoch, i)``; the index comes back for per-image bookkeeping
+    (difficulty scores)."""
 
     def __init__(self, dataset: FaceDataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
+        super().__init__(dataset.source, dataset.transform)
+        self.seed = seed
 
-    @property
-    def num_images(self) -> int:
-        return self.dataset.num_images
-
-    @property
-    def num_identities(self) -> int:
-        return self.dataset.num_identities
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[override]
         epoch, i = key
-        source = self.dataset.source
-        buf, label = source[i]
+        buf, label = self.source[i]
         rng = np.random.default_rng([self.seed, epoch, i])
-        image = self.dataset.transform(buf, describe(source, i), rng=rng)
+        image = self.transform(buf, describe(self.source, i), rng=rng)
         return image, torch.tensor(label, dtype=torch.int64), i

@@ -56,5 +56,5 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
     torch.testing.assert_close(keyed[(0, 4)][0], image)  # same key, same pixels, whoever reads it
     other_epochs = [keyed[(e, 4)][0] for e in range(1, 6)]
     assert any(not torch.equal(x, image) for x in other_epochs)
-    reseeded = KeyedFaceDataset(keyed.dataset, seed=8)
+    reseeded = KeyedFaceDataset(keyed, seed=8)
     assert any(not torch.equal(reseeded[(e, 4)][0], keyed[(e, 4)][0]) for e in range(6))
