@@ -7,6 +7,7 @@ code runs in tests, on a laptop and under torchrun.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from typing import Any
 
@@ -46,7 +47,12 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group cleanly: objects that hold it (DDP) are freed first and every rank meets
+    at a barrier, so no rank tears its gloo/NCCL threads down while another still talks to it (an abort,
+    "terminate called without an active exception", at the end of an otherwise finished run)."""
     if is_distributed():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -75,12 +75,12 @@ def test_recipe_launcher_runs_torchrun_on_cpu(faces, tmp_path):
 
 
 def test_closeness_diversity_runs_both_stages(faces, tmp_path):
-    # stage 1 tracks the scores, stage 2 resumes it and adds the mined terms every 2nd step (2 processes)
+    # stage 1 tracks the scores, stage 2 resumes it and adds the mined terms every 5th step (2 processes)
     env = {**os.environ, "NPROC": "2", "DATA_ROOT": str(faces), "BACKBONE": "mbf", "OUTPUT": str(tmp_path),
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # fmt: skip
     small = [
-        *SMALL[1:], "data.format=folder", "data.batch_size=4", "train.log_every=1", "mining.cd_interval=2",
-        "mining.cd_classes=4", "mining.cd_easy=2", "mining.cd_negatives=3",
+        *SMALL[1:], "data.format=folder", "data.batch_size=4", "train.log_every=1", "mining.cd_classes=4",
+        "mining.cd_easy=2", "mining.cd_negatives=3",
     ]  # fmt: skip
     proc = subprocess.run(
         ["bash", "scripts/train_cd.sh", "--set", *small], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -92,6 +92,7 @@ def test_closeness_diversity_runs_both_stages(faces, tmp_path):
         load_checkpoint(tmp_path / "stage2" / "last.pt"),
     )
     assert stage1["difficulty"] is not None and stage2["step"] > stage1["step"]
+    assert " closeness " not in (tmp_path / "stage1" / "train.log").read_text()  # stage 1 does not mine
     log = (tmp_path / "stage2" / "train.log").read_text()
     assert f"resumed {tmp_path / 'stage1' / 'last.pt'}" in log
     mined = [line for line in log.splitlines() if " closeness " in line]
