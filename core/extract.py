@@ -53,3 +53,44 @@ def extract(
         return (torch.cat(all_gather_padded(local)) if world > 1 else local).numpy()
 
     return gather(original), gather(flipped) if flip else None
+
+
+def extract_dataset(
+    embedder: Embedder,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int = 256,
+    flip: bool = True,
+    num_workers: int = 0,
+    progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`extract` over a dataset whose item ``i`` is a uint8 (3, H, W) array or tensor (decoded and
+    aligned in ``num_workers`` loader processes, in order), for sets too large to hold as one array.
+    ``progress`` names a tqdm bar (None: no bar)."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_stack_uint8,
+        persistent_workers=False,
+    )
+    original, flipped = [], []
+    for batch in tqdm(loader, desc=progress, disable=progress is None, unit="batch"):
+        o, f = extract(embedder, batch, batch_size=len(batch), flip=flip)
+        original.append(o)
+        if flip:
+            flipped.append(f)
+    if not original:
+        raise ValueError("extract_dataset: the dataset is empty")
+    return np.concatenate(original), np.concatenate(flipped) if flip else None
+
+
+def _stack_uint8(items: list) -> torch.Tensor:
+    batch = torch.stack([torch.as_tensor(item) for item in items])
+    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(
+            f"dataset items must be uint8 (3, H, W) images, got {batch.dtype} {tuple(batch.shape[1:])}"
+        )
+    return batch
