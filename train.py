@@ -136,7 +136,7 @@ def build_model(cfg: Config) -> nn.Module:
         dropout=cfg.model.dropout,
         precision=cfg.model.precision,
         grad_checkpoint=cfg.model.grad_checkpoint,
-        input_size=cfg.data.image_size,
+        input_size=cfg.model.input_size or cfg.data.image_size,
     )
 
 
@@ -259,7 +259,9 @@ def seed_step(run: Run) -> None:
 
 
 def network_input(run: Run, images: torch.Tensor) -> torch.Tensor:
-    x = normalize_batch(images.to(run.device, non_blocking=True), color=run.cfg.data.color)
+    x = normalize_batch(
+        images.to(run.device, non_blocking=True), run.cfg.data.color, run.cfg.model.input_size
+    )
     return x.contiguous(memory_format=torch.channels_last) if run.cfg.model.channels_last else x
 
 
@@ -487,7 +489,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "meta": {
             "arch": cfg.model.backbone,
             "embedding_size": cfg.model.embedding_size,
-            "input_size": cfg.data.image_size,
+            "input_size": cfg.model.input_size or cfg.data.image_size,
             "color": cfg.data.color,
             "normalization": NORMALIZATION,
             "num_classes": run.classifier.num_classes,
@@ -601,7 +603,7 @@ def dry_run(cfg: Config, steps: int = 2) -> dict[str, object]:
     elapsed = time.perf_counter() - start
     with torch.no_grad():
         run.backbone.eval()
-        embedding = run.backbone(normalize_batch(micro_batches[0][0].to(run.device), cfg.data.color))
+        embedding = run.backbone(network_input(run, micro_batches[0][0]))
     return {
         "backbone": cfg.model.backbone,
         "parameters_M": round(sum(p.numel() for p in run.backbone.parameters()) / 1e6, 3),

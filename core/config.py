@@ -100,6 +100,9 @@ class ModelConfig:
     grad_checkpoint: bool = False
     channels_last: bool = False
     compile: bool = False
+    # Side of the network's input; empty = data.image_size. Faces are stored and augmented at
+    # data.image_size and resized to this on the device (a smaller input trains faster on CPUs).
+    input_size: int | None = None
     # DDP: static graph (a fixed set of used parameters), gradient bucket size, fp16 gradient all-reduce.
     ddp_static_graph: bool = True
     ddp_bucket_mb: int = 25

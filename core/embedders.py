@@ -34,7 +34,8 @@ class TorchEmbedder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize_batch(torch.as_tensor(images).to(self.device, non_blocking=True), self.color)
+        x = torch.as_tensor(images).to(self.device, non_blocking=True)
+        x = normalize_batch(x, self.color, getattr(self.model, "input_size", None))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).float().cpu()
@@ -52,9 +53,11 @@ class OnnxEmbedder:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.color = color or meta.get("color", "rgb")
         self.input = self.session.get_inputs()[0].name
+        side = self.session.get_inputs()[0].shape[-1]
+        self.input_size = side if isinstance(side, int) else None  # faces are resized to a fixed input
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize_batch(torch.as_tensor(images), self.color).numpy()
+        x = normalize_batch(torch.as_tensor(images), self.color, self.input_size).numpy()
         return torch.from_numpy(np.asarray(self.session.run(None, {self.input: x})[0], dtype=np.float32))
 
 

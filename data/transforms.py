@@ -238,11 +238,14 @@ class FaceDataset(Dataset):
 # ------------------------------------------------------------------------------------ normalisation
 
 
-def normalize_batch(x: torch.Tensor, color: str = "rgb") -> torch.Tensor:
+def normalize_batch(x: torch.Tensor, color: str = "rgb", size: int | None = None) -> torch.Tensor:
     """uint8 RGB N x 3 x H x W -> float32 network input ``(x/255 - 0.5)/0.5`` in ``color`` order.
 
     ``color="bgr"`` reverses the channels for models trained on BGR input (AdaFace, FRABSM). This is the
     one place where images become floats; call it on the device, after the transfer of the uint8 batch.
+    ``size`` resizes the faces to ``size x size`` (bilinear with antialiasing) for a network whose input is
+    smaller or larger than the stored crops (``model.input_size``); training and evaluation both resize
+    here, so they see the same pixels.
     """
     if x.dtype != torch.uint8:
         raise TypeError(f"normalize_batch expects a uint8 image batch, got {x.dtype}")
@@ -251,4 +254,8 @@ def normalize_batch(x: torch.Tensor, color: str = "rgb") -> torch.Tensor:
     if color not in ("rgb", "bgr"):
         raise ValueError(f"color must be 'rgb' or 'bgr', got {color!r}")
     out = x.float().div_(127.5).sub_(1.0)
+    if size is not None and tuple(out.shape[2:]) != (size, size):
+        out = torch.nn.functional.interpolate(
+            out, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     return out.flip(1) if color == "bgr" else out

@@ -66,7 +66,8 @@ def normalization_first(graph: onnx.GraphProto) -> None:
 def export(embedder: TorchEmbedder, out: Path, fold: bool, opset: int = 17) -> None:
     model = FoldedInput(embedder.model, embedder.color) if fold else embedder.model
     model.eval()
-    dummy = torch.zeros(2, 3, 112, 112)
+    side = getattr(embedder.model, "input_size", 112)
+    dummy = torch.zeros(2, 3, side, side)
     with warnings.catch_warnings():  # the TorchScript exporter: no onnxscript needed, plain Conv/BN graphs
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(

@@ -20,9 +20,10 @@ import train
 from backbones import build_backbone
 from core.checkpoint import load_checkpoint
 from core.config import load_config
-from core.embedders import TorchEmbedder
+from core.embedders import TorchEmbedder, load_embedder
 from core.extract import extract
 from data.sampler import GlobalBatchSampler
+from data.transforms import normalize_batch
 from data.verification import load_bin
 from mining import DifficultyScores
 from tests.synthetic_faces import write_identity_folder, write_pairs_bin
@@ -323,3 +324,23 @@ def test_a_weights_only_checkpoint_is_refused_for_resume(faces, tmp_path, capsys
     assert (
         "holds no optimizer, sampler, head, scheduler: a weights-only checkpoint" in capsys.readouterr().err
     )
+
+
+def test_a_smaller_network_input_is_resized_alike_in_training_and_evaluation(faces, tmp_path):
+    """model.input_size=16 on 32x32 crops: the checkpoint records 16, and its embedder resizes 32x32
+    faces exactly as the training step does."""
+    out = tmp_path / "o"
+    settings = overrides(faces["small"], out, "model.input_size=16", "train.max_steps=1")
+    assert train.main(["--config", CONFIG, "--set", *settings]) == 0
+    state = load_checkpoint(out / "last.pt")
+    assert state["meta"]["input_size"] == 16
+    embedder = load_embedder(out / "last.pt")
+    images = torch.from_numpy(load_bin(faces["val"] / "lfw.bin").images[:8])
+    assert images.shape[-1] == 32
+    cfg = load_config(out / "config.yaml")
+    model = train.build_model(cfg).eval()
+    model.load_state_dict(state["backbone"])
+    with torch.no_grad():
+        expected = model(normalize_batch(images, "rgb", 16))
+    torch.testing.assert_close(embedder(images), expected)
+    assert model.input_size == 16 and not torch.allclose(embedder(images[:, :, ::2, ::2]), expected)

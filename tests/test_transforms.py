@@ -217,3 +217,18 @@ def test_undecodable_jpeg_in_a_rec_names_file_and_key(tmp_path):
     assert ds[0][0].shape == (3, 112, 112)
     with pytest.raises(ValueError, match=r"train\.rec key 2: corrupt JPEG"):
         ds[1]
+
+
+def test_normalize_batch_resizes_to_the_network_input():
+    x = torch.full((2, 3, 112, 112), 200, dtype=torch.uint8)
+    x[:, 0, :, 56:] = 0  # left half of the red channel bright, right half dark
+    out = normalize_batch(x, size=64)
+    assert out.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(out[:, 1:], torch.full((2, 2, 64, 64), 200 / 127.5 - 1))  # flat stays flat
+    bright, dark = 200 / 127.5 - 1, -1.0
+    assert torch.allclose(out[0, 0, :, :30], torch.tensor(bright)) and torch.allclose(
+        out[0, 0, :, 34:], torch.tensor(dark)
+    )
+    assert (out[0, 0, :, 31:33] > dark + 0.1).all() and (out[0, 0, :, 31:33] < bright - 0.1).all()  # blend
+    torch.testing.assert_close(normalize_batch(x, size=112), normalize_batch(x))
+    torch.testing.assert_close(normalize_batch(x, "bgr", 64), out.flip(1))
