@@ -69,6 +69,12 @@ class AugmentConfig:
     low_res: float = 0.0
     photometric: float = 0.0
     jitter: float = 0.0
+    # Synthetic face mask on the lower face (data.masks), drawn before the other augmentations: its
+    # probability, the types drawn uniformly (surgical, n95, cloth, overlay) and, for ``overlay``, the folder
+    # of the photographed masks (mask_<colour>.jpg, as in insightface's package data).
+    mask: float = 0.0
+    mask_types: list[str] = field(default_factory=lambda: ["surgical", "n95", "cloth"])
+    mask_overlays: str = ""
 
 
 @dataclass

@@ -7,7 +7,7 @@ AdaFace's augmenter applies each augmentation independently with its own probabi
 random-resized-crop box pasted back at its place on a black canvas, no resize), ``low_res`` (down- then
 up-sampling with random interpolations), ``photometric`` (brightness/contrast/saturation 0.5, hue 0, random
 order, torchvision ColorJitter semantics) and ``jitter`` (pixel scale 1 + U(-0.2, 0.2)). insightface
-recipes use the horizontal flip only.
+recipes use the horizontal flip only. ``mask`` puts a synthetic face mask (``data.masks``) on the face first.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from core.config import AugmentConfig
+from data import masks
 from data.decode import decode_rgb
 
 PRESETS: dict[str, AugmentConfig] = {
@@ -131,6 +132,9 @@ def jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 0.2) -> 
 
 def augment(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """Apply each augmentation of ``cfg`` independently with its own probability."""
+    if cfg.mask > 0 and rng.random() < cfg.mask:  # first: the mask sits on the template's landmarks
+        overlays = masks.cached_overlays(cfg.mask_overlays) if cfg.mask_overlays else None
+        img = masks.add_mask(img, rng, cfg.mask_types, overlays=overlays)
     if cfg.crop > 0 and rng.random() < cfg.crop:
         img = random_crop_paste(img, rng)
     if cfg.low_res > 0 and rng.random() < cfg.low_res:
@@ -159,6 +163,8 @@ class FaceTransform:
         self, cfg: AugmentConfig | None = None, image_size: int = 112, train: bool = True, seed: int = 0
     ):
         self.cfg = cfg if cfg is not None else AugmentConfig()
+        if train and self.cfg.mask > 0:
+            masks.check_augment(self.cfg.mask, self.cfg.mask_types, self.cfg.mask_overlays)
         self.image_size = image_size
         self.train = train
         self.seed = seed

@@ -1,0 +1,181 @@
+"""Synthetic face masks on real aligned faces, the online augmentation, the offline masking tool and the
+masked ArcFace + focal recipe."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from core.config import AugmentConfig, ConfigError
+from data import masks
+from data.decode import decode_rgb, encode_jpeg
+from data.image_folder import ImageFolderFaces
+from data.sampler import KeyedFaceDataset
+from data.transforms import FaceDataset, FaceTransform, augment
+from face_alignment.align import ARCFACE_TEMPLATE, similarity_transform
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def faces(shared_data: Path) -> list[np.ndarray]:
+    """Six real aligned 112x112 CelebA crops of six people."""
+    folders = sorted(p for p in (shared_data / "celeba_aligned112").iterdir() if p.is_dir())[::50][:6]
+    return [decode_rgb(sorted(f.glob("*.jpg"))[0].read_bytes(), str(f)) for f in folders]
+
+
+@pytest.fixture(scope="module")
+def overlays(shared_data: Path) -> dict[str, np.ndarray]:
+    return masks.load_overlays(shared_data / "extras" / "images")
+
+
+def polygon_mask(poly: np.ndarray, size: int, grow: int) -> np.ndarray:
+    """Pixels inside an image-space polygon, grown by ``grow`` pixels (the antialiased edge)."""
+    canvas = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(canvas, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    return cv2.dilate(canvas, np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)).astype(bool)
+
+
+def inside(poly: np.ndarray, point: np.ndarray) -> float:
+    """Signed distance of ``point`` to the polygon's edge (positive inside)."""
+    return cv2.pointPolygonTest(poly.astype(np.float32), (float(point[0]), float(point[1])), True)
+
+
+def check_mask_placement(img, out, style, landmarks):
+    """The mask changes the lower face only: nothing above the line under the eyes, nothing outside its
+    footprint polygon (2 px of antialiased edge allowed), and it covers the nose tip and the mouth."""
+    changed = np.any(out != img, axis=2)
+    frame = masks.FaceFrame.from_landmarks(landmarks)  # the un-jittered frame of the face
+    ys, xs = np.mgrid[: img.shape[0], : img.shape[1]]
+    v = frame.to_face(np.stack([xs, ys], axis=-1))[..., 1]
+    assert not changed[v < masks.UNDER_EYE_V].any(), f"{style.kind}: pixels above the line under the eyes"
+    polygons = masks.mask_polygons(style, landmarks)
+    outside = changed & ~polygon_mask(polygons["footprint"], img.shape[0], grow=2)
+    assert not outside.any(), f"{style.kind}: {outside.sum()} changed pixels outside the mask polygon"
+    for point in landmarks[2:]:  # nose tip, mouth corners: well inside the body, and painted over
+        assert inside(polygons["body"], point) > 3.0, style.kind
+        x, y = np.round(point).astype(int)
+        window = np.abs(out[y - 2 : y + 3, x - 2 : x + 3].astype(int) - img[y - 2 : y + 3, x - 2 : x + 3])
+        assert changed[y - 2 : y + 3, x - 2 : x + 3].all() and window.mean() > 3, style.kind
+    return changed
+
+
+@pytest.mark.parametrize("kind", masks.MASK_TYPES)
+def test_every_type_changes_only_the_lower_face(kind, faces, overlays):
+    names = tuple(overlays)
+    for i, img in enumerate(faces):
+        style = masks.draw_style(np.random.default_rng([i, 1]), kind, overlay_names=names)
+        out = masks.render_mask(img, style, overlays=overlays)
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        changed = check_mask_placement(img, out, style, ARCFACE_TEMPLATE)
+        assert changed.mean() > 0.2  # a mask covers a good part of the crop, not a few pixels
+        assert np.array_equal(out[:56], img[:56])  # rows over the eyes and just under them are untouched
+
+
+def test_detected_landmarks_move_the_mask(faces):
+    # the face turned by 20 degrees, shrunk and shifted: the mask follows the transformed points
+    matrix = cv2.getRotationMatrix2D((56, 56), 20, 0.8)
+    matrix[:, 2] += (6, -4)
+    img = cv2.warpAffine(faces[0], matrix, (112, 112))
+    points = np.c_[ARCFACE_TEMPLATE, np.ones(5)] @ matrix.T
+    assert np.allclose(similarity_transform(ARCFACE_TEMPLATE, points), matrix, atol=1e-9)
+    for kind in masks.SYNTHETIC_TYPES:
+        style = masks.draw_style(np.random.default_rng(3), kind)
+        out = masks.render_mask(img, style, landmarks=points)
+        check_mask_placement(img, out, style, points)
+        assert not np.array_equal(out, masks.render_mask(img, style))  # the template would be elsewhere
+
+
+def test_same_seed_same_mask(faces, overlays):
+    img = faces[1]
+    for kind in masks.MASK_TYPES:
+        a = masks.add_mask(img, np.random.default_rng(5), kind=kind, overlays=overlays)
+        b = masks.add_mask(img, np.random.default_rng(5), kind=kind, overlays=overlays)
+        c = masks.add_mask(img, np.random.default_rng(6), kind=kind, overlays=overlays)
+        assert np.array_equal(a, b) and not np.array_equal(a, c), kind
+    drawn = {masks.draw_style(np.random.default_rng(s)).kind for s in range(40)}
+    assert drawn == set(masks.SYNTHETIC_TYPES)  # the default draws every type that needs no pictures
+
+
+def test_smaller_crops_scale_the_mask(faces):
+    small = cv2.resize(faces[2], (56, 56), interpolation=cv2.INTER_AREA)
+    style = masks.draw_style(np.random.default_rng(0), "surgical")
+    out = masks.render_mask(small, style)
+    changed = np.any(out != small, axis=2)
+    assert not changed[:28].any() and changed[46, 28]  # under the eyes only; the mouth (46, 28) covered
+
+
+def test_overlay_pictures_and_bad_inputs(overlays, tmp_path, faces):
+    assert sorted(overlays) == ["black", "blue", "green", "white"]
+    assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[1] > p.shape[0] for p in overlays.values())
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        masks.load_overlays(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds no mask pictures"):
+        masks.load_overlays(tmp_path)
+    with pytest.raises(ValueError, match="'overlay' type needs mask pictures"):
+        masks.draw_style(np.random.default_rng(0), "overlay")
+    with pytest.raises(ValueError, match="unknown mask type 'scarf'"):
+        masks.draw_style(np.random.default_rng(0), "scarf")
+    with pytest.raises(ValueError, match="5 finite landmarks"):
+        masks.add_mask(faces[0], np.random.default_rng(0), landmarks=np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="H x W x 3 uint8"):
+        masks.add_mask(faces[0].astype(np.float32), np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------------------ online augmentation
+
+
+def test_online_mask_probability_is_respected(faces):
+    img, n, p = faces[3], 300, 0.3
+    cfg = AugmentConfig(flip=0.0, mask=p)
+    masked = sum(not np.array_equal(augment(img, cfg, np.random.default_rng([9, k])), img) for k in range(n))
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(masked - n * p) < 4 * sigma, masked
+    never = AugmentConfig(flip=0.0, mask=0.0)
+    assert all(np.array_equal(augment(img, never, np.random.default_rng([9, k])), img) for k in range(50))
+
+
+def test_mask_off_leaves_the_other_augmentations_unchanged(faces):
+    # p = 0 draws nothing from the stream: existing recipes augment exactly as before
+    img = faces[4]
+    cfg = AugmentConfig(flip=0.5, crop=0.5, photometric=0.5, low_res=0.5)
+    for k in range(20):
+        expected = augment(img, cfg, np.random.default_rng(k))
+        with_field = augment(img, AugmentConfig(flip=0.5, crop=0.5, photometric=0.5, low_res=0.5, mask=0.0),
+                             np.random.default_rng(k))  # fmt: skip
+        assert np.array_equal(expected, with_field)
+
+
+def test_masks_in_training_are_keyed_by_seed_epoch_and_index(faces, tmp_path):
+    for k, img in enumerate(faces[:4]):
+        folder = tmp_path / f"id{k % 2}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{k}.jpg").write_bytes(encode_jpeg(img, quality=95))
+    cfg = AugmentConfig(flip=0.0, mask=1.0, mask_types=["cloth", "n95"])
+    keyed = KeyedFaceDataset(FaceDataset(ImageFolderFaces(tmp_path), FaceTransform(cfg)), seed=11)
+    plain = FaceDataset(ImageFolderFaces(tmp_path), FaceTransform(cfg, train=False))
+    first = keyed[(0, 2)][0]
+    assert torch.equal(keyed[(0, 2)][0], first)  # same (seed, epoch, index): same mask
+    assert not torch.equal(keyed[(1, 2)][0], first)  # another epoch: another mask
+    assert not torch.equal(first, plain[2][0])  # masked, unlike the evaluation transform's output
+    assert torch.equal(first[:, :56], plain[2][0][:, :56])  # the eyes untouched
+
+
+def test_mask_options_are_checked_when_the_transform_is_built(shared_data):
+    with pytest.raises(ConfigError, match=r"data.augment.mask_types: unknown mask type 'scarf'"):
+        FaceTransform(AugmentConfig(mask=0.5, mask_types=["scarf"]))
+    with pytest.raises(ConfigError, match=r"set data\.augment\.mask_overlays"):
+        FaceTransform(AugmentConfig(mask=0.5, mask_types=["overlay"]))
+    with pytest.raises(ConfigError, match=r"data.augment.mask must be a probability"):
+        FaceTransform(AugmentConfig(mask=1.5))
+    with pytest.raises(ConfigError, match=r"data.augment.mask_overlays: .*no such folder"):
+        FaceTransform(AugmentConfig(mask=0.5, mask_types=["overlay"], mask_overlays="/nonexistent/masks"))
+    folder = str(shared_data / "extras" / "images")
+    FaceTransform(AugmentConfig(mask=0.5, mask_types=["overlay", "surgical"], mask_overlays=folder))
+    FaceTransform(AugmentConfig(mask=0.5, mask_types=["scarf"]), train=False)  # evaluation never masks
