@@ -388,14 +388,12 @@ def train_one_epoch(run: Run, log: Logbook, limit: int) -> None:
             window_loss, window_good, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
         if run.step == limit or run.step == run.total_steps:
             break  # fit() validates and saves the end
-        best = (
-            bool(cfg.train.val_every) and run.step % cfg.train.val_every == 0 and validate_and_log(run, log)
-        )
-        if best or run.step % cfg.train.save_every == 0:
+        validate_now = bool(cfg.train.val_every) and run.step % cfg.train.val_every == 0
+        save_now = bool(cfg.train.save_every) and run.step % cfg.train.save_every == 0
+        best = validate_now and validate_and_log(run, log)
+        if best or save_now:
             save(run, log, best=best)
-        if (
-            cfg.train.val_every and run.step % cfg.train.val_every == 0
-        ) or run.step % cfg.train.save_every == 0:
+        if validate_now or save_now:
             window_start = time.perf_counter()  # images/s counts training, not validation or saving
     if run.step_in_epoch == run.sampler.steps_per_epoch:
         run.epoch, run.step_in_epoch = run.epoch + 1, 0

@@ -5,6 +5,7 @@ Other ranks get a logbook that does nothing, so the training loop never asks whi
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,3 +70,20 @@ class Logbook:
         self.writer.close()
         assert self.log is not None
         self.log.close()
+
+
+def read_scalars(run_dir: str | os.PathLike[str], tags: dict[str, str]) -> dict[str, list[float]]:
+    """Scalars a run wrote to ``run_dir/tensorboard``: for each ``name: tag`` of ``tags`` found there,
+    ``name`` (the values) and ``name_step`` (their steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    found = events.Tags()["scalars"]
+    curves: dict[str, list[float]] = {}
+    for name, tag in tags.items():
+        if tag in found:
+            scalars = events.Scalars(tag)
+            curves[f"{name}_step"] = [s.step for s in scalars]
+            curves[name] = [s.value for s in scalars]
+    return curves

@@ -6,7 +6,9 @@
    no LFW person is in CelebA;
 3. trains ``configs/demo_cpu.yaml`` through ``train.py`` (``--resume auto``: a second run continues or, when
    finished, only re-evaluates), validating on LFW with the 10-fold protocol;
-4. prints the LFW result and where the checkpoint, logs and TensorBoard files are.
+4. prints the LFW result and plots the learning curves (training loss, LFW accuracy at each validation);
+5. runs ``inference.py`` with the new checkpoint on the sample photos, and says where the checkpoint, logs,
+   TensorBoard files and plots are.
 
     python -m scripts.demo --data ../shared/data --out work_dirs/demo [--set train.epochs=2 ...]
 """
@@ -18,6 +20,8 @@ import sys
 from pathlib import Path
 
 from core.checkpoint import load_checkpoint
+from core.fileio import atomic_write
+from core.logbook import read_scalars
 from core.paths import PROJECT_ROOT, shared_data_dir
 from data.recordio import RecordIOFaceSet, pack_folder
 from scripts import prepare_dataset
@@ -39,9 +43,9 @@ def prepare_training_rec(celeba: Path, out: Path) -> Path:
     prefix = out / "train"
     rec = prefix.with_suffix(".rec")
     if rec.is_file() and prefix.with_suffix(".idx").is_file():
-        print(f"[1/4] reusing {rec}")
+        print(f"[1/5] reusing {rec}")
     else:
-        print(f"[1/4] packing {celeba} -> {rec}")
+        print(f"[1/5] packing {celeba} -> {rec}")
         pack_folder(celeba, prefix)
     faces = RecordIOFaceSet(rec)
     print(f"      {faces.num_images} images of {faces.num_identities} identities")
@@ -52,9 +56,9 @@ def prepare_validation(photos: Path, pairs: Path, out: Path) -> Path:
     """``out/lfw.bin`` (the name train.py's ``data.val_targets`` looks for) from the raw LFW photos."""
     target = out / "lfw.bin"
     if target.is_file():
-        print(f"[2/4] reusing {target}")
+        print(f"[2/5] reusing {target}")
         return out
-    print(f"[2/4] detecting and aligning {photos} -> {target}")
+    print(f"[2/5] detecting and aligning {photos} -> {target}")
     args = [str(photos), str(out), "--flat", "--pairs", str(pairs), "--bin", "lfw.bin"]
     if prepare_dataset.main(args) != 0:
         raise SystemExit(f"demo: could not build {target} from {photos}")
@@ -85,19 +89,59 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = args.out / "run"
     sets = [f"data.root={rec}", f"data.val_root={val_root}", f"output_dir={run_dir}", *args.set]
-    print(f"[3/4] python train.py --config {args.config} --set {' '.join(sets)} --resume auto")
+    print(f"[3/5] python train.py --config {args.config} --set {' '.join(sets)} --resume auto")
     status = train.main(["--config", str(args.config), "--set", *sets, "--resume", "auto"])
     if status != 0:
         return status
     state = load_checkpoint(run_dir / "last.pt")
     lfw = state["validation"]["lfw"]
-    print("[4/4] LFW, 6,000 pairs of people not in the training data (10-fold, flip-sum fusion):")
+    print("[4/5] LFW, 6,000 pairs of people not in the training data (10-fold, flip-sum fusion):")
     print(f"      accuracy {lfw['accuracy'] * 100:.2f}% ± {lfw['accuracy_std'] * 100:.2f}, "
           f"VAL@FAR=1e-3 {lfw['val_at_far_1e-3'] * 100:.2f}% after {state['step']} steps")  # fmt: skip
+    curves = plot_learning_curves({"demo": read_scalars(run_dir, CURVES)}, run_dir / "curves.png")
+    import inference
+
+    print(f"[5/5] python inference.py --model {run_dir / 'last.pt'}   (the sample photos)")
+    inference.main(["--model", str(run_dir / "last.pt")])
     print(f"      checkpoint {run_dir / 'last.pt'} (best: {run_dir / 'best.pt'})")
     print(f"      config {run_dir / 'config.yaml'}")
     print(f"      log {run_dir / 'train.log'}, TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"      learning curves (loss, LFW accuracy) {curves}")
     return 0
+
+
+# The TensorBoard scalars the learning-curve plots read.
+CURVES = {"loss": "train/loss", "lfw": "val/lfw_accuracy"}
+
+
+def plot_learning_curves(runs: dict[str, dict[str, list[float]]], path: Path, bars=None) -> Path:
+    """Training loss and LFW accuracy against the step for each run (``core.logbook.read_scalars`` of
+    :data:`CURVES`) to a PNG; ``bars`` (callable on a matplotlib axis) draws an extra panel first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if bars else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    if bars:
+        bars(axes[0])
+    losses, accuracy = axes[-2:]
+    for name, curve in runs.items():
+        if "loss" in curve:
+            losses.plot(curve["loss_step"], curve["loss"], label=name)
+        if "lfw" in curve:
+            accuracy.plot(curve["lfw_step"], [a * 100 for a in curve["lfw"]], marker="o", label=name)
+    losses.set(xlabel="step", ylabel="training loss", title="training loss")
+    accuracy.set(xlabel="step", ylabel="LFW accuracy (%)", title="LFW (unseen people) during training")
+    for ax in (losses, accuracy):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
