@@ -3,6 +3,7 @@ masked ArcFace + focal recipe."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,9 +16,12 @@ from core.config import AugmentConfig, ConfigError
 from data import masks
 from data.decode import decode_rgb, encode_jpeg
 from data.image_folder import ImageFolderFaces
+from data.recordio import IndexedRecordIO, RecordIOFaceSet, RecordIOWriter, pack, pack_folder, unpack
 from data.sampler import KeyedFaceDataset
 from data.transforms import FaceDataset, FaceTransform, augment
+from data.verification import read_bin_raw, write_bin
 from face_alignment.align import ARCFACE_TEMPLATE, similarity_transform
+from scripts import mask_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,3 +183,135 @@ def test_mask_options_are_checked_when_the_transform_is_built(shared_data):
     folder = str(shared_data / "extras" / "images")
     FaceTransform(AugmentConfig(mask=0.5, mask_types=["overlay", "surgical"], mask_overlays=folder))
     FaceTransform(AugmentConfig(mask=0.5, mask_types=["scarf"]), train=False)  # evaluation never masks
+
+
+# ------------------------------------------------------------------------------------------ offline tool
+
+
+@pytest.fixture()
+def celeba_folder(shared_data: Path, tmp_path: Path) -> Path:
+    """3 people x 2 real CelebA crops as ``root/<id>/<img>.jpg``, plus a non-image file."""
+    root = tmp_path / "faces"
+    people = sorted(p for p in (shared_data / "celeba_aligned112").iterdir() if p.is_dir())[10:13]
+    for person in people:
+        (root / person.name).mkdir(parents=True)
+        for image in sorted(person.glob("*.jpg"))[:2]:
+            (root / person.name / image.name).write_bytes(image.read_bytes())
+    (root / "labels.txt").write_text("kept as it is\n")
+    return root
+
+
+def lower_face_change(a: bytes, b: bytes) -> tuple[float, float]:
+    """Mean absolute change above the eyes' line and on the mouth and chin."""
+    x, y = decode_rgb(a).astype(int), decode_rgb(b).astype(int)
+    return float(np.abs(x[:50] - y[:50]).mean()), float(np.abs(x[80:105, 35:77] - y[80:105, 35:77]).mean())
+
+
+def run_tool(capsys, *argv: str) -> tuple[int, dict | str]:
+    status = mask_dataset.main([*argv, "--quiet"])
+    out = capsys.readouterr()
+    return status, (json.loads(out.out) if status == 0 else out.err)
+
+
+def test_masked_recordio_keeps_keys_headers_and_labels(celeba_folder, tmp_path, capsys):
+    pack_folder(celeba_folder, tmp_path / "train")  # meta record 0, images 1..6, identity records 7..9
+    status, summary = run_tool(
+        capsys, str(tmp_path / "train.rec"), str(tmp_path / "masked.rec"), "--seed", "3"
+    )
+    assert status == 0, summary
+    assert summary["images"] == 6 and summary["records"] == 10 and sum(summary["masked"].values()) == 6
+    src, dst = IndexedRecordIO(tmp_path / "train.rec"), IndexedRecordIO(tmp_path / "masked.rec")
+    assert src.keys.tolist() == dst.keys.tolist()
+    for key, payload in src:
+        copy = dst.read(key)
+        if not 1 <= key <= 6:
+            assert copy == payload  # meta header and identity records unchanged
+            continue
+        (header, image), (header2, image2) = unpack(payload), unpack(copy)
+        assert header == header2 and copy[:24] == payload[:24]
+        above, below = lower_face_change(image, image2)
+        assert above < 2.0 and below > 15.0, (key, above, below)  # JPEG noise above, a mask below
+    a, b = RecordIOFaceSet(tmp_path / "train.rec"), RecordIOFaceSet(tmp_path / "masked.rec")
+    assert b.has_header and len(a) == len(b) == 6
+    assert np.array_equal(a.labels(), b.labels()) and np.array_equal(a.identity_ranges, b.identity_ranges)
+    # an existing target is refused; --prob 0.5 leaves some images byte for byte
+    status, err = run_tool(capsys, str(tmp_path / "train.rec"), str(tmp_path / "masked.rec"))
+    assert status == 1 and "masked.rec exists; pass --overwrite" in err
+    status, summary = run_tool(
+        capsys, str(tmp_path / "train"), str(tmp_path / "half"), "--prob", "0.5", "--seed", "0"
+    )
+    assert status == 0 and summary["rec"] == str(tmp_path / "half.rec")
+    half = IndexedRecordIO(tmp_path / "half.rec")
+    same = sum(half.read(k) == src.read(k) for k in range(1, 7))
+    assert same == summary["masked"]["unmasked"] and 0 < same < 6
+
+
+def test_masked_recordio_without_header_keeps_label_arrays(celeba_folder, tmp_path, capsys):
+    jpegs = [p.read_bytes() for p in sorted(celeba_folder.glob("*/*.jpg"))[:3]]
+    with RecordIOWriter(tmp_path / "im2rec.rec") as writer:  # im2rec layout: every record an image
+        writer.write(0, pack(0.0, jpegs[0], id=0))
+        writer.write(1, pack([2.0, 7.5], jpegs[1], id=1, id2=9))
+        writer.write(5, pack(1.0, jpegs[2], id=5))
+    status, summary = run_tool(
+        capsys, str(tmp_path / "im2rec.rec"), str(tmp_path / "out.rec"), "--types", "cloth"
+    )
+    assert status == 0 and summary["masked"] == {"cloth": 3}
+    src, dst = IndexedRecordIO(tmp_path / "im2rec.rec"), IndexedRecordIO(tmp_path / "out.rec")
+    for key in (0, 1, 5):
+        (h, image), (h2, image2) = unpack(src.read(key)), unpack(dst.read(key))
+        assert h == h2 and lower_face_change(image, image2)[1] > 15.0
+    assert unpack(dst.read(1))[0].label == (2.0, 7.5)
+
+
+def test_masked_verification_bin_one_or_both_faces(celeba_folder, tmp_path, capsys):
+    jpegs = [p.read_bytes() for p in sorted(celeba_folder.glob("*/*.jpg"))]
+    write_bin(tmp_path / "pairs.bin", jpegs, [True, False, True])
+    status, summary = run_tool(
+        capsys, str(tmp_path / "pairs.bin"), str(tmp_path / "one.bin"), "--pairs", "one"
+    )
+    assert status == 0 and summary["pairs"] == 3
+    bins, issame = read_bin_raw(tmp_path / "one.bin")
+    assert issame.tolist() == [True, False, True]
+    assert all(bins[i] == jpegs[i] for i in (0, 2, 4))  # the reference faces stay as they were
+    assert all(lower_face_change(jpegs[i], bins[i])[1] > 15.0 for i in (1, 3, 5))
+    status, _ = run_tool(capsys, str(tmp_path / "pairs.bin"), str(tmp_path / "both.bin"), "--pairs", "both")
+    both, _ = read_bin_raw(tmp_path / "both.bin")
+    assert status == 0 and all(lower_face_change(j, b)[1] > 15.0 for j, b in zip(jpegs, both, strict=True))
+    assert both[1] == bins[1]  # the probe's mask depends on (seed, position) only
+
+
+def test_masked_image_folder_is_written_whole_or_not_at_all(celeba_folder, tmp_path, capsys):
+    status, summary = run_tool(capsys, str(celeba_folder), str(tmp_path / "masked"), "--seed", "2")
+    assert status == 0 and summary["images"] == 6 and summary["files"] == 7
+    files = sorted(p.relative_to(celeba_folder) for p in celeba_folder.rglob("*") if p.is_file())
+    assert files == sorted(
+        p.relative_to(tmp_path / "masked") for p in (tmp_path / "masked").rglob("*") if p.is_file()
+    )
+    assert (tmp_path / "masked" / "labels.txt").read_text() == "kept as it is\n"
+    for rel in files[:-1]:
+        assert (
+            lower_face_change((celeba_folder / rel).read_bytes(), (tmp_path / "masked" / rel).read_bytes())[1]
+            > 15
+        )
+    status, err = run_tool(capsys, str(celeba_folder), str(tmp_path / "masked"))
+    assert status == 1 and "exists; pass --overwrite" in err
+    bad = sorted(celeba_folder.glob("*/*.jpg"))[-1]
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated: the run fails and leaves nothing behind
+    status, err = run_tool(capsys, str(celeba_folder), str(tmp_path / "again"))
+    assert status == 1 and str(bad) in err and "JPEG" in err
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".again*"))
+    status, err = run_tool(capsys, str(celeba_folder), str(tmp_path / "masked"), "--overwrite")
+    assert status == 1 and (tmp_path / "masked" / "labels.txt").is_file()  # the old copy survives a failure
+
+
+def test_preview_grid_and_option_errors(celeba_folder, shared_data, tmp_path, capsys):
+    overlays = str(shared_data / "extras" / "images")
+    status, summary = run_tool(capsys, str(celeba_folder), "--preview", str(tmp_path / "grid.png"),
+                               "--overlays", overlays, "--count", "2", "--variants", "2")  # fmt: skip
+    assert status == 0 and summary["types"] == ["surgical", "n95", "cloth", "overlay"]
+    grid = cv2.imread(str(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 112, (1 + 4 * 2) * 112, 3)
+    status, err = run_tool(capsys, str(celeba_folder), str(tmp_path / "x"), "--types", "overlay")
+    assert status == 1 and "--types overlay needs --overlays DIR" in err
+    status, err = run_tool(capsys, str(celeba_folder), str(tmp_path / "x"), "--prob", "2")
+    assert status == 1 and "--prob must be in [0, 1]" in err
