@@ -5,11 +5,15 @@
   it (the ROC point whose FPR is closest to the target; the larger TPR wins ties).
 * :func:`closed_set_ranks` / :func:`cmc`: rank of each probe's best mate among a gallery that may hold
   a million distractors, scored in chunks so memory stays bounded.
+* :func:`tpir_at_fpir`: the IJB 1:N "TPIR at FPIR" of insightface's evaluation (SPEC §5.3), whose threshold
+  is the k-th largest non-mate score of mated probes; :func:`open_set_tpir_at_fpir`: the NIST open-set
+  definition, whose threshold comes from probes that have no mate in the gallery.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -107,3 +111,119 @@ def cmc(ranks: np.ndarray, ks: Iterable[int] = (1, 5, 10)) -> dict[int, float]:
     """Cumulative match characteristic: the fraction of probes whose mate is within the top k."""
     ranks = np.asarray(ranks)
     return {int(k): float(np.mean(ranks <= k)) for k in ks}
+
+
+def _probe_blocks(
+    probes: np.ndarray, probe_ids: np.ndarray, gallery: np.ndarray, gallery_ids: np.ndarray, chunk: int
+) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """(rows, scores of probes[rows] against the whole gallery, mask of their mates) per block of probes."""
+    for start in range(0, len(probes), chunk):
+        rows = slice(start, min(start + chunk, len(probes)))
+        yield rows, probes[rows] @ gallery.T, probe_ids[rows, None] == gallery_ids[None, :]
+
+
+def _checked(
+    probes: np.ndarray, probe_ids: np.ndarray, gallery: np.ndarray, gallery_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    probes, gallery = np.asarray(probes, np.float32), np.asarray(gallery, np.float32)
+    probe_ids, gallery_ids = np.asarray(probe_ids), np.asarray(gallery_ids)
+    _check_features("probes", probes, probe_ids)
+    _check_features("gallery", gallery, gallery_ids)
+    return probes, probe_ids, gallery, gallery_ids
+
+
+def _best_mate(scores: np.ndarray, mate: np.ndarray) -> np.ndarray:
+    return np.where(mate, scores, -np.inf).max(axis=1)
+
+
+def _kth_largest_count(n: int, rate: float) -> int:
+    """ceil(n * rate), without the float error that makes e.g. 100 * 0.07 round up to 8."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"rate {rate} must lie in (0, 1]")
+    return max(1, math.ceil(round(n * rate, 9)))
+
+
+def tpir_at_fpir(
+    probes: np.ndarray,
+    probe_ids: np.ndarray,
+    gallery: np.ndarray,
+    gallery_ids: np.ndarray,
+    fpirs: Iterable[float] = (0.01, 0.1),
+    chunk: int = 4096,
+) -> dict[float, dict[str, float]]:
+    """TPIR at each FPIR as insightface's IJB 1:N evaluation computes it (SPEC §5.3), for a gallery in
+    which every probe has a mate: ``{fpir: {"tpir": ..., "threshold": ...}}``.
+
+    The similarity is the inner product. The threshold for a target FPIR is the k-th largest of all
+    non-mate scores (probe x gallery entries of other identities), k = ceil(#probes x FPIR); TPIR is
+    the fraction of probes whose mate score (the best one if the gallery holds several entries of its
+    identity) lies strictly above it. This approximates the NIST open-set protocol
+    (:func:`open_set_tpir_at_fpir`): there, only probes *without* a mate set the threshold and a hit
+    must also be at rank 1. Scores are computed ``chunk`` probes at a time.
+    """
+    probes, probe_ids, gallery, gallery_ids = _checked(probes, probe_ids, gallery, gallery_ids)
+    missing = np.setdiff1d(probe_ids, gallery_ids)
+    if len(missing):
+        raise ValueError(
+            f"{len(missing)} probe identities have no gallery mate (e.g. {missing[:3].tolist()})"
+        )
+    fpirs = [float(f) for f in fpirs]
+    ks = {f: _kth_largest_count(len(probes), f) for f in fpirs}
+    k_max = max(ks.values())
+    mate_score = np.empty(len(probes), np.float32)
+    top = np.empty(0, np.float32)  # the k_max largest non-mate scores so far
+    for rows, scores, mate in _probe_blocks(probes, probe_ids, gallery, gallery_ids, chunk):
+        mate_score[rows] = _best_mate(scores, mate)
+        top = np.concatenate([top, scores[~mate]])
+        if len(top) > k_max:
+            top = np.partition(top, len(top) - k_max)[-k_max:]
+    if len(top) < k_max:
+        raise ValueError(f"FPIR {max(fpirs)} needs {k_max} non-mate scores; the gallery gives {len(top)}")
+    top = np.sort(top)[::-1]
+    results = {}
+    for fpir, k in ks.items():
+        threshold = float(top[k - 1])
+        results[fpir] = {"tpir": float(np.mean(mate_score > threshold)), "threshold": threshold}
+    return results
+
+
+def open_set_tpir_at_fpir(
+    probes: np.ndarray,
+    probe_ids: np.ndarray,
+    gallery: np.ndarray,
+    gallery_ids: np.ndarray,
+    fpirs: Iterable[float] = (0.01, 0.1),
+    chunk: int = 4096,
+) -> dict[float, dict[str, float]]:
+    """Open-set identification (NIST FRVT / IJB-C test 4 definition) against one gallery:
+    ``{fpir: {"tpir": ..., "threshold": ...}}``.
+
+    Probes whose identity is in the gallery are *mated*, the others *non-mated*. The threshold for a
+    target FPIR is the k-th largest top-1 score of the non-mated probes, k = ceil(#non-mated x FPIR), so
+    that fewer than that fraction of them raise an alarm above it; TPIR is the fraction of mated probes
+    whose best mate is at rank 1 (no other identity scores strictly higher) and scores strictly above
+    the threshold. IJB-B/C evaluate this once per gallery (S1/S2, G1/G2) with the mixed probe set.
+    """
+    probes, probe_ids, gallery, gallery_ids = _checked(probes, probe_ids, gallery, gallery_ids)
+    mated = np.isin(probe_ids, gallery_ids)
+    if mated.all() or not mated.any():
+        raise ValueError(
+            f"open-set identification needs mated and non-mated probes; {int(mated.sum())} of "
+            f"{len(probes)} probes have a mate in the gallery"
+        )
+    fpirs = [float(f) for f in fpirs]
+    top1 = np.empty(int((~mated).sum()), np.float32)  # best score of each non-mated probe
+    for rows, scores, _ in _probe_blocks(probes[~mated], probe_ids[~mated], gallery, gallery_ids, chunk):
+        top1[rows] = scores.max(axis=1)
+    top1 = np.sort(top1)[::-1]
+    mated_probes, mated_ids = probes[mated], probe_ids[mated]
+    ranks = closed_set_ranks(mated_probes, mated_ids, gallery, gallery_ids, chunk=chunk)
+    mate_score = np.empty(len(mated_probes), np.float32)
+    for rows, scores, mate in _probe_blocks(mated_probes, mated_ids, gallery, gallery_ids, chunk):
+        mate_score[rows] = _best_mate(scores, mate)
+    results = {}
+    for fpir in fpirs:
+        threshold = float(top1[_kth_largest_count(len(top1), fpir) - 1])
+        hit = (ranks == 1) & (mate_score > threshold)
+        results[fpir] = {"tpir": float(hit.mean()), "threshold": threshold}
+    return results
