@@ -9,12 +9,17 @@ timeout) and all get the same features.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from core.distributed import all_gather_padded, get_rank, get_world_size
+from core.fileio import atomic_write
+from data.decode import decode_rgb
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -94,3 +99,62 @@ def _stack_uint8(items: list) -> torch.Tensor:
             f"dataset items must be uint8 (3, H, W) images, got {batch.dtype} {tuple(batch.shape[1:])}"
         )
     return batch
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Face crops read from image files for :func:`extract_dataset`: item ``i`` is ``paths[i]`` as uint8
+    RGB (3, size, size).
+
+    Files are decoded by :func:`data.decode.decode_rgb` (the pixels of ``cv2.imread``, in RGB; a corrupt or
+    truncated file is an error naming it); a crop of another size is scaled with ``cv2.resize`` (bilinear,
+    as the TinyFace and MegaFace evaluation scripts of the field do).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], size: int = 112) -> None:
+        self.paths, self.size = [Path(p) for p in paths], size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        path = self.paths[i]
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise OSError(f"{path}: cannot read image: {err.strerror or err}") from None
+        img = decode_rgb(data, str(path))
+        if img.shape[:2] != (self.size, self.size):
+            img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def extract_files(
+    embedder: Embedder,
+    paths: Sequence[str | os.PathLike[str]],
+    batch_size: int = 256,
+    flip: bool = True,
+    num_workers: int = 0,
+    size: int = 112,
+    cache: str | os.PathLike[str] | None = None,
+    progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`extract_dataset` over the image files ``paths`` (:class:`ImageFiles`).
+
+    With ``cache`` (an ``.npz`` path whose name should identify the model), the features are saved there
+    with the list of files and flip flag, and a later call with the same list reads them back instead of
+    running the model; a different list (files added, moved or removed) extracts afresh.
+    """
+    names = np.array([str(p) for p in paths])
+    cache = Path(cache) if cache is not None else None
+    if cache is not None and cache.is_file():
+        with np.load(cache) as saved:
+            if np.array_equal(saved["files"], names) and bool(saved["flip"]) == flip:
+                return saved["original"], saved["flipped"] if flip else None
+    original, flipped = extract_dataset(
+        embedder, ImageFiles(paths, size), batch_size, flip, num_workers, progress
+    )
+    if cache is not None:
+        with atomic_write(cache, "wb") as fh:
+            np.savez(fh, files=names, flip=flip, original=original,
+                     flipped=flipped if flip else np.zeros((0,), np.float32))  # fmt: skip
+    return original, flipped

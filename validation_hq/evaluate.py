@@ -1,7 +1,8 @@
 """Evaluate a model on verification ``.bin`` sets with the 10-fold protocol (SPEC §5.2).
 
     python -m validation_hq.evaluate --model CKPT_OR_ONNX --bins lfw.bin cfp_fp.bin [--json out.json]
-    python -m validation_hq.evaluate --model model.pt --backbone r100 --bin-dir /data/faces_emore
+    python -m validation_hq.evaluate --model model.pt --backbone r100 --bin-dir /data/faces_emore \
+        --precision bf16 --workers 8
 
 Prints one row per set (accuracy and its std over the 10 folds, VAL at FAR=1e-3, mean feature norm) and
 the mean accuracy, with the switches that produced them (colour order, flip fusion, batch size).
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from core.embedders import load_embedder
+from core.embedders import add_embedder_arguments, embedder_from_args, embedder_key
 from core.extract import extract
 from core.fileio import atomic_write
 from data.verification import VerificationFileError, load_bin
@@ -47,13 +48,14 @@ def cached_features(
 
 def evaluate_bins(
     embed, bins: Sequence[Path], fusion: str = "sum", batch_size: int = 128, cache: Path | None = None,
-    key: str = "",
+    key: str = "", workers: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Protocol results per set (and their mean accuracy) for an embedder of uint8 RGB batches; with
-    ``cache``, features are stored and reused under ``key`` (which must name the model)."""
+    ``cache``, features are stored and reused under ``key`` (which must name the model). ``workers``
+    threads decode each ``.bin``."""
     results: dict[str, Any] = {}
     for path in bins:
-        val = load_bin(path)
+        val = load_bin(path, workers=workers)
         original, flipped = cached_features(embed, val, batch_size, cache, key)
         results[val.name] = score(original, flipped, val.issame, fusion)
     results["mean_accuracy"] = float(np.mean([r["accuracy"] for r in results.values()]))
@@ -89,15 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, required=True, help="checkpoint, insightface model.pt or .onnx")
-    parser.add_argument("--backbone", help="architecture of a plain state dict")
-    parser.add_argument(
-        "--color", choices=["rgb", "bgr"], help="colour order of the model (default: its own)"
-    )
+    add_embedder_arguments(parser)
     parser.add_argument("--bins", nargs="*", type=Path, default=[], help=".bin files")
     parser.add_argument("--bin-dir", type=Path, help=f"folder holding any of {', '.join(SETS)} (.bin)")
     parser.add_argument("--fusion", choices=FUSIONS, default="sum", help="flip fusion (none: no flip)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=4, help="threads decoding each .bin (default 4)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--cache", type=Path, help="folder for features (.npz), reused by later runs")
     args = parser.parse_args(argv)
@@ -108,17 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("evaluate: no .bin given (--bins, or --bin-dir with lfw.bin, cfp_fp.bin, ...)", file=sys.stderr)
         return 2
     try:
-        embed = load_embedder(args.model, backbone=args.backbone, color=args.color)
-        stat = args.model.stat()
-        key = f"{args.model.stem}_{stat.st_size}_{int(stat.st_mtime)}_{embed.color}"
-        results = evaluate_bins(embed, bins, args.fusion, args.batch_size, args.cache, key)
+        embed = embedder_from_args(args)
+        key = embedder_key(args.model, embed)
+        results = evaluate_bins(embed, bins, args.fusion, args.batch_size, args.cache, key, args.workers)
     except (FileNotFoundError, ValueError, VerificationFileError) as err:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     results["settings"] = {"model": str(args.model), "color": embed.color, "fusion": args.fusion,
-                           "batch_size": args.batch_size, "normalization": "(x/255 - 0.5) / 0.5"}  # fmt: skip
+                           "batch_size": args.batch_size, "normalization": "(x/255 - 0.5) / 0.5",
+                           "precision": embed.precision}  # fmt: skip
     print(
         f"model {args.model}: {embed.color.upper()} input, flip fusion {args.fusion}, batch {args.batch_size}"
+        f", {embed.precision}"
     )
     print(format_table(results))
     if args.json:

@@ -1,0 +1,262 @@
+"""TinyFace identification on a small TinyFace-style split made of real CelebA crops.
+
+The exact answer is known in advance: a keyed embedder returns, for each image it is shown (found by its
+pixels, read independently here with cv2), a feature made of its identity's centre plus noise, so the
+ranks can be computed directly, probe by probe, and compared with the evaluator's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data.decode import DecodeError
+from validation_tinyface.protocol import TinyFaceLayoutError, find_testing_set, read_tinyface
+from validation_tinyface.validate_tinyface import evaluate_tinyface, main
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = Path("models") / "onnx" / "mobilefacenet_paddle_128d.onnx"
+
+
+def read_rgb_chw(path: Path, size: int = 112) -> np.ndarray:
+    """The pixels the evaluator should see, read the reference way (cv2.imread, BGR->RGB, cv2.resize)."""
+    img = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    if img.shape[:2] != (size, size):
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def pixel_key(img: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(img).tobytes()).hexdigest()
+
+
+class KeyedEmbedder:
+    """Features looked up by image content: ``table[pixel_key(image)]``; counts the images it embeds."""
+
+    def __init__(self, table: dict[str, np.ndarray]) -> None:
+        self.table, self.calls = table, 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += len(batch)
+        return torch.from_numpy(np.stack([self.table[pixel_key(img.numpy())] for img in batch]))
+
+
+def keyed_features(files_and_ids, dim=8, spread=1.5, seed=0):
+    """A table of features for each file and its flip (identity centre + independent noise; identity
+    None: pure noise), and the fused unit features the protocol should compute from them."""
+    rng = np.random.default_rng(seed)
+    centres: dict[object, np.ndarray] = {}
+    table, fused = {}, []
+    for path, identity in files_and_ids:
+        img = read_rgb_chw(path)
+        if identity is not None and identity not in centres:
+            centres[identity] = rng.normal(size=dim)
+        centre = centres[identity] if identity is not None else np.zeros(dim)
+        both = []
+        for view in (img, img[:, :, ::-1]):
+            feature = (centre + rng.normal(scale=spread, size=dim)).astype(np.float32)
+            table[pixel_key(view)] = feature
+            both.append(feature)
+        total = both[0] + both[1]
+        fused.append(total / np.linalg.norm(total))
+    return table, np.array(fused)
+
+
+def build_tinyface(shared_data: Path, root: Path, ids: int = 6, per_id: int = 4, distractor_ids: int = 3):
+    """Probe/Gallery_Match/Gallery_Distractor from CelebA crops, named ``<id>_<n>.jpg``: two probes and
+    two gallery images per identity; distractors are two images each of other identities. One probe is
+    stored as a 100x100 PNG (scaled back to 112 by the evaluator)."""
+    celeba = shared_data / "celeba_aligned112"
+    people = sorted(p for p in celeba.iterdir() if p.is_dir() and len(list(p.glob("*.jpg"))) >= per_id)
+    for name in ("Probe", "Gallery_Match", "Gallery_Distractor"):
+        (root / name).mkdir(parents=True)
+    for person in people[:ids]:
+        photos = sorted(person.glob("*.jpg"))[:per_id]
+        for n, photo in enumerate(photos):
+            folder = "Probe" if n < per_id // 2 else "Gallery_Match"
+            shutil.copy(photo, root / folder / f"{person.name}_{n}.jpg")
+    for person in people[ids : ids + distractor_ids]:
+        for n, photo in enumerate(sorted(person.glob("*.jpg"))[:2]):
+            shutil.copy(photo, root / "Gallery_Distractor" / f"{person.name}_{n}.jpg")
+    first = sorted((root / "Probe").iterdir())[0]
+    small = cv2.resize(cv2.imread(str(first)), (100, 100), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(first.with_suffix(".png")), small)
+    first.unlink()
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors here: torch's thread pool only adds waiting on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(shared_data, tmp_path_factory):
+    """A data root laid out like AdaFace's: <root>/aligned_pad_0.1_pad_high/{Probe,...}."""
+    root = tmp_path_factory.mktemp("tinyface")
+    build_tinyface(shared_data, root / "aligned_pad_0.1_pad_high")
+    return root
+
+
+@pytest.fixture(scope="module")
+def keyed(data_root):
+    """The keyed embedder of the split and the ranks computed directly from its features."""
+    tinyface = read_tinyface(find_testing_set(data_root))
+    identity = {p: p.name.split("_")[0] for p in [*tinyface.probes, *tinyface.matches]}
+    table, fused = keyed_features([(p, identity.get(p)) for p in tinyface.files])
+    n_probe, n_match = len(tinyface.probes), len(tinyface.matches)
+    probes, gallery = fused[:n_probe], fused[n_probe:]
+    gallery_names = [identity.get(p, "distractor") for p in [*tinyface.matches, *tinyface.distractors]]
+    ranks = []
+    for p, path in zip(probes, tinyface.probes, strict=True):
+        scores = gallery @ p
+        mate = max(s for s, g in zip(scores, gallery_names, strict=True) if g == identity[path])
+        others = [s for s, g in zip(scores, gallery_names, strict=True) if g != identity[path]]
+        ranks.append(1 + sum(s > mate for s in others))
+    assert n_match == 12 and len(tinyface.distractors) == 6
+    return table, np.array(ranks)
+
+
+def test_ranks_equal_a_direct_computation(data_root, keyed):
+    table, ranks = keyed
+    assert (ranks == 1).any() and (ranks > 1).any() and (ranks > 5).any()  # the case can tell
+    result = evaluate_tinyface(KeyedEmbedder(table), read_tinyface(find_testing_set(data_root)),
+                               batch_size=5)  # fmt: skip
+    for k in (1, 5, 20):
+        assert result[f"rank-{k}"] == pytest.approx(np.mean(ranks <= k))
+    assert (result["probes"], result["gallery_matches"], result["distractors"]) == (12, 12, 6)
+    assert result["identities"] == 6
+
+
+def test_loader_workers_and_chunking_do_not_change_results(data_root, keyed):
+    table, _ = keyed
+    tinyface = read_tinyface(find_testing_set(data_root))
+    a = evaluate_tinyface(KeyedEmbedder(table), tinyface, batch_size=7, workers=0)
+    b = evaluate_tinyface(KeyedEmbedder(table), tinyface, batch_size=7, workers=2)
+    assert a == b
+
+
+def test_features_are_cached_and_rescored(data_root, keyed, tmp_path):
+    table, _ = keyed
+    tinyface = read_tinyface(find_testing_set(data_root))
+    embed = KeyedEmbedder(table)
+    first = evaluate_tinyface(embed, tinyface, cache=tmp_path, key="m")
+    assert embed.calls == 2 * len(tinyface.files) and (tmp_path / "tinyface__m.npz").is_file()
+
+    def no_model(images):
+        raise AssertionError("the cache should have answered")
+
+    assert evaluate_tinyface(no_model, tinyface, cache=tmp_path, key="m") == first
+    evaluate_tinyface(no_model, tinyface, fusion="unit_mean", cache=tmp_path, key="m")
+
+
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory):
+    """Features of the real model, shared by the tests that run it (the second one only scores)."""
+    return tmp_path_factory.mktemp("features")
+
+
+def test_module_form_takes_adaface_fusion_names(shared_data, data_root, real_cache, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--data_root", str(data_root), "--model", str(shared_data / MODEL), "--color", "bgr",
+            "--workers", "0", "--cache", str(real_cache), "--json", str(out)]  # fmt: skip
+    assert main([*args, "--fusion", "pre_norm_vector_add"]) == 0
+    assert "flip fusion sum" in capsys.readouterr().out
+    assert json.loads(out.read_text())["settings"]["fusion"] == "sum"
+
+
+def test_real_model_from_the_command_line_as_a_file(shared_data, data_root, real_cache, tmp_path):
+    """The seed's command shape, run as a file from the repository root, with a real pretrained model (its
+    features come from the cache of the test above when it ran first)."""
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "validation_tinyface/validate_tinyface.py", "--data_root", str(data_root),
+         "--model", str(shared_data / MODEL), "--color", "bgr", "--workers", "0", "--json", str(out),
+         "--cache", str(real_cache)],
+        cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "BGR input, flip fusion sum" in proc.stdout and "rank-20" in proc.stdout
+    assert "100x100" in proc.stderr  # the one crop that is not 112x112 is pointed out
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["color"] == "bgr" and saved["tinyface"]["probes"] == 12
+    assert saved["tinyface"]["rank-1"] >= 0.8  # a real model tells these CelebA identities apart
+
+
+def test_shell_script_passes_its_arguments(tmp_path):
+    """eval_tinyface.sh runs the module with the model, the data root, a JSON path and the extra options
+    (python replaced by echo, so only the script's own work is checked; the module is tested above)."""
+    env = {**os.environ, "PYTHON": "echo", "OUT": str(tmp_path / "out" / "r.json")}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "validation_tinyface/eval_tinyface.sh"), "m.onnx", "data", "--color", "bgr"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["-m", "validation_tinyface.validate_tinyface", "--model", "m.onnx",
+                                   "--data_root", "data", "--json", str(tmp_path / "out" / "r.json"),
+                                   "--color", "bgr"]  # fmt: skip
+    assert (tmp_path / "out").is_dir()
+    usage = subprocess.run(["bash", str(ROOT / "validation_tinyface/eval_tinyface.sh")],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert usage.returncode == 2 and "CKPT_OR_ONNX DATA_ROOT" in usage.stderr
+
+
+def test_layout_errors_name_the_folder(data_root, tmp_path, keyed):
+    with pytest.raises(TinyFaceLayoutError, match="no TinyFace test split found"):
+        find_testing_set(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(data_root / "aligned_pad_0.1_pad_high", broken)
+    shutil.rmtree(broken / "Gallery_Distractor")
+    with pytest.raises(TinyFaceLayoutError, match="missing folder Gallery_Distractor"):
+        read_tinyface(broken)
+    (broken / "Gallery_Distractor").mkdir()
+    with pytest.raises(TinyFaceLayoutError, match=r"Gallery_Distractor: no images"):
+        read_tinyface(broken)
+    shutil.copy(next((broken / "Probe").glob("*.jpg")), broken / "Gallery_Distractor" / "x_1.jpg")
+    lonely = broken / "Probe" / "999999_0.jpg"
+    shutil.copy(next((broken / "Probe").glob("*.jpg")), lonely)
+    with pytest.raises(TinyFaceLayoutError, match=r"identity '999999' of 999999_0.jpg"):
+        read_tinyface(broken)
+    lonely.rename(broken / "Probe" / "noprefix.jpg")
+    with pytest.raises(TinyFaceLayoutError, match=r"noprefix.jpg: file name has no '<identity>_' prefix"):
+        read_tinyface(broken)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_is_named(data_root, keyed, tmp_path, workers):
+    table, _ = keyed
+    broken = tmp_path / "split"
+    shutil.copytree(data_root / "aligned_pad_0.1_pad_high", broken)
+    bad = sorted((broken / "Gallery_Match").glob("*.jpg"))[3]
+    bad.write_bytes(bad.read_bytes()[:500])  # cut off
+    with pytest.raises(DecodeError, match=rf"{bad.name}: corrupt JPEG"):
+        evaluate_tinyface(KeyedEmbedder(table), read_tinyface(broken), workers=workers)
+
+
+def test_cli_reports_errors(data_root, shared_data, tmp_path, capsys):
+    assert main(["--data_root", str(tmp_path), "--model", str(shared_data / MODEL)]) == 2
+    assert "no TinyFace test split found" in capsys.readouterr().err
+
+
+def test_pixels_match_cv2_for_the_real_crops(data_root):
+    """The evaluator's decoder gives the pixels of cv2.imread, so a model sees what the reference sees."""
+    from core.extract import ImageFiles
+
+    files = read_tinyface(find_testing_set(data_root)).files[:6]
+    loaded = ImageFiles(files)
+    for i, path in enumerate(files):
+        np.testing.assert_array_equal(loaded[i], read_rgb_chw(path))

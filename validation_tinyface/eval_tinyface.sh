@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Evaluate a model on TinyFace closed-set identification (rank-1/5/20); prints the table and writes the
+# JSON to $OUT (default work_dirs/eval/<model file name>_tinyface.json in the repository).
+#
+#   bash validation_tinyface/eval_tinyface.sh CKPT_OR_ONNX DATA_ROOT [--color bgr] [--backbone r100] [--workers 8]
+#
+# DATA_ROOT holds aligned_pad_0.1_pad_high/{Probe,Gallery_Match,Gallery_Distractor} (AdaFace's aligned copy).
+set -euo pipefail
+if [[ $# -lt 2 ]]; then
+    sed -n '2,7p' "$0" >&2
+    exit 2
+fi
+model=$1
+data_root=$2
+shift 2
+root=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-$([[ -x "$root/.venv/bin/python" ]] && echo "$root/.venv/bin/python" || echo python3)}
+out=${OUT:-$root/work_dirs/eval/$(basename "${model%.*}")_tinyface.json}
+mkdir -p "$(dirname "$out")"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+exec "$python" -m validation_tinyface.validate_tinyface --model "$model" --data_root "$data_root" \
+    --json "$out" "$@"

@@ -1,0 +1,154 @@
+"""The TinyFace closed-set identification protocol (SPEC §5.4), as AdaFace evaluates it.
+
+The test split has three folders of pre-aligned crops (AdaFace's MTCNN-aligned copy
+``aligned_pad_0.1_pad_high``): ``Probe/``, ``Gallery_Match/`` and ``Gallery_Distractor/``. A file's identity
+is its name up to the first ``_`` (``1_3.jpg`` is identity ``1``); distractors belong to no identity
+(AdaFace labels them -100). The gallery is the match images followed by the distractors; each probe is
+scored against all of them by inner product of unit features (flip-fused), and its rank is the position
+of its best mate. Reported: the closed-set CMC at ranks 1, 5 and 20 (DIR at FAR = 1: every probe has a
+mate in the gallery).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.identification import closed_set_ranks, cmc
+
+FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+RANKS = (1, 5, 20)
+# Where the three folders may sit under --data_root: the aligned copy first (AdaFace's layout), then the
+# root itself; the raw ``tinyface/Testing_Set`` last (its images are not aligned, see find_testing_set).
+CANDIDATES = (
+    "aligned_pad_0.1_pad_high",
+    "tinyface/aligned_pad_0.1_pad_high",
+    ".",
+    "tinyface/Testing_Set",
+    "Testing_Set",
+)
+
+
+class TinyFaceLayoutError(ValueError):
+    """A TinyFace folder that does not have the layout the protocol needs; the message names it."""
+
+
+@dataclass
+class TinyFaceSet:
+    """The image files of the test split in feature order (probes, gallery matches, distractors) and
+    the integer identity of each probe and gallery match (file-name prefixes, numbered in sorted order)."""
+
+    root: Path
+    probes: list[Path]
+    matches: list[Path]
+    distractors: list[Path]
+    probe_ids: np.ndarray
+    match_ids: np.ndarray
+    identities: list[str]
+
+    @property
+    def files(self) -> list[Path]:
+        """All images, in the order their features are extracted."""
+        return [*self.probes, *self.matches, *self.distractors]
+
+    @property
+    def raw_split(self) -> bool:
+        """Whether these are the unaligned images of the original ``Testing_Set``."""
+        return self.root.name == "Testing_Set"
+
+
+def find_testing_set(data_root: str | os.PathLike[str]) -> Path:
+    """The folder holding ``Probe/``, ``Gallery_Match/`` and ``Gallery_Distractor/``: ``data_root`` itself
+    or one of the usual places under it (:data:`CANDIDATES`)."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise TinyFaceLayoutError(f"{data_root}: TinyFace data root not found")
+    for candidate in CANDIDATES:
+        folder = (data_root / candidate).resolve() if candidate != "." else data_root
+        if all((folder / name).is_dir() for name in FOLDERS):
+            return folder
+    tried = ", ".join(str(data_root / c) for c in CANDIDATES)
+    raise TinyFaceLayoutError(
+        f"{data_root}: no TinyFace test split found; need {', '.join(f + '/' for f in FOLDERS)} in one of: "
+        f"{tried}"
+    )
+
+
+def _images(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise TinyFaceLayoutError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def identity_of(path: Path) -> str:
+    """The identity a TinyFace file name carries: everything before its first ``_``."""
+    stem = path.stem
+    if "_" not in stem or not stem.split("_", 1)[0]:
+        raise TinyFaceLayoutError(f"{path}: file name has no '<identity>_' prefix")
+    return stem.split("_", 1)[0]
+
+
+def read_tinyface(root: str | os.PathLike[str]) -> TinyFaceSet:
+    """The files and identities of a test split folder (see :func:`find_testing_set`)."""
+    root = Path(root)
+    for name in FOLDERS:
+        if not (root / name).is_dir():
+            raise TinyFaceLayoutError(f"{root}: missing folder {name}/ (need {', '.join(FOLDERS)})")
+    probes, matches, distractors = (_images(root / name) for name in FOLDERS)
+    probe_names = [identity_of(p) for p in probes]
+    match_names = [identity_of(p) for p in matches]
+    identities = sorted(set(probe_names) | set(match_names))
+    code = {name: i for i, name in enumerate(identities)}
+    missing = sorted(set(probe_names) - set(match_names))
+    if missing:
+        example = next(p for p, n in zip(probes, probe_names, strict=True) if n == missing[0])
+        raise TinyFaceLayoutError(
+            f"{root}: {len(missing)} probe identities have no image in Gallery_Match/ "
+            f"(e.g. identity {missing[0]!r} of {example.name}); closed-set identification needs a mate"
+        )
+    return TinyFaceSet(
+        root=root,
+        probes=probes,
+        matches=matches,
+        distractors=distractors,
+        probe_ids=np.array([code[n] for n in probe_names], dtype=np.int64),
+        match_ids=np.array([code[n] for n in match_names], dtype=np.int64),
+        identities=identities,
+    )
+
+
+def identification(
+    features: np.ndarray, tinyface: TinyFaceSet, ranks: Iterable[int] = RANKS, chunk: int = 65536
+) -> dict[str, float | int]:
+    """Rank-k identification rates of unit ``features`` (rows in :attr:`TinyFaceSet.files` order).
+
+    Ties between a mate and a non-mate count for the probe (a rank is 1 + the number of gallery entries of
+    other identities scoring strictly above the best mate).
+    """
+    n_probe, n_match = len(tinyface.probes), len(tinyface.matches)
+    if len(features) != n_probe + n_match + len(tinyface.distractors):
+        raise ValueError(
+            f"{len(features)} features for {n_probe + n_match + len(tinyface.distractors)} TinyFace images"
+        )
+    probe_ranks = closed_set_ranks(
+        features[:n_probe],
+        tinyface.probe_ids,
+        features[n_probe : n_probe + n_match],
+        tinyface.match_ids,
+        distractors=features[n_probe + n_match :],
+        chunk=chunk,
+    )
+    result: dict[str, float | int] = {f"rank-{k}": v for k, v in cmc(probe_ranks, ranks).items()}
+    result.update(
+        probes=n_probe,
+        gallery_matches=n_match,
+        distractors=len(tinyface.distractors),
+        identities=len(np.unique(tinyface.probe_ids)),
+    )
+    return result
