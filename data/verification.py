@@ -24,6 +24,7 @@ import os
 import pickle
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,13 @@ def read_bin_raw(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]
     return [bytes(b) for b in bins], flags
 
 
-def load_bin(path: str | os.PathLike[str]) -> VerificationSet:
+def load_bin(path: str | os.PathLike[str], workers: int = 0) -> VerificationSet:
     """Read and decode a ``.bin`` (images RGB, N x 3 x H x W); all images must have one size.
 
-    Undecodable images raise :class:`data.decode.DecodeError` naming ``"<path> image <i>"``.
+    ``workers`` > 1 decodes in that many threads (libjpeg-turbo and OpenCV release the GIL while they
+    decode), each filling its own slice of the result, so the images are the same as a sequential
+    decode's; any error is the one the sequential decode would raise first. Undecodable images raise
+    :class:`data.decode.DecodeError` naming ``"<path> image <i>"``.
     """
     path = Path(path)
     bins, issame = read_bin_raw(path)
@@ -145,16 +149,31 @@ def load_bin(path: str | os.PathLike[str]) -> VerificationSet:
     images = np.empty((len(bins), 3, *first.shape[:2]), dtype=np.uint8)
     # An image used by several pairs is one shared object in the pickle (memo): decode it once.
     decoded_at: dict[int, int] = {}
-    for i, buf in enumerate(bins):
-        j = decoded_at.setdefault(id(buf), i)
-        if j != i:
-            images[i] = images[j]
-            continue
-        img = first if i == 0 else decode_rgb(buf, f"{path} image {i}")
-        if img.shape != first.shape:
-            size, size0 = f"{img.shape[1]}x{img.shape[0]}", f"{first.shape[1]}x{first.shape[0]}"
-            raise VerificationFileError(f"{path}: image {i} is {size}, but image 0 is {size0}")
-        images[i] = img.transpose(2, 0, 1)
+    source = np.array([decoded_at.setdefault(id(buf), i) for i, buf in enumerate(bins)])
+    unique = np.flatnonzero(source == np.arange(len(bins)))
+
+    def decode(indices: np.ndarray) -> None:
+        for i in indices:
+            img = first if i == 0 else decode_rgb(bins[i], f"{path} image {i}")
+            if img.shape != first.shape:
+                size, size0 = f"{img.shape[1]}x{img.shape[0]}", f"{first.shape[1]}x{first.shape[0]}"
+                raise VerificationFileError(f"{path}: image {i} is {size}, but image 0 is {size0}")
+            images[i] = img.transpose(2, 0, 1)
+
+    if workers > 1:
+        # Contiguous chunks in index order; results are read in that order, so the first error raised
+        # here is the lowest-index bad image, as in the sequential loop.
+        chunks = np.array_split(unique, min(len(unique), 8 * workers))
+        pool = ThreadPoolExecutor(workers)
+        try:
+            for _ in pool.map(decode, chunks):
+                pass
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error, chunks not yet started are dropped
+    else:
+        decode(unique)
+    duplicates = np.flatnonzero(source != np.arange(len(bins)))
+    images[duplicates] = images[source[duplicates]]
     return VerificationSet(name=path.stem, path=path, images=images, issame=issame)
 
 

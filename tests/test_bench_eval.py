@@ -1,0 +1,130 @@
+"""Evaluation speed features: threaded .bin decoding, bf16 autocast in the embedder, scripts/bench_eval."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from test_validation_tinyface import one_torch_thread  # noqa: F401 (fixture: small tensors, shared cores)
+
+from backbones import build_backbone
+from core.embedders import TorchEmbedder, load_embedder
+from core.extract import extract
+from data.decode import DecodeError, encode_jpeg
+from data.verification import VerificationFileError, load_bin, read_bin_raw, write_bin
+from scripts import bench_eval
+from validation_hq.protocol import evaluate_pairs, fuse_flip
+
+
+@pytest.fixture(scope="module")
+def real_pairs(shared_data):
+    """The encoded images and flags of the first 300 LFW pairs (the same-person fold: images repeat)."""
+    images, issame = read_bin_raw(shared_data / "lfw_yunet112.bin")
+    return images[:600], issame[:300]
+
+
+def test_threaded_decoding_equals_sequential(real_pairs, tmp_path):
+    images, issame = real_pairs
+    path = tmp_path / "lfw.bin"
+    write_bin(path, images, issame.tolist())
+    assert len({id(b) for b in read_bin_raw(path)[0]}) < len(images)  # shared images stay shared
+    sequential = load_bin(path)
+    for workers in (2, 5):
+        threaded = load_bin(path, workers=workers)
+        np.testing.assert_array_equal(threaded.images, sequential.images)
+        np.testing.assert_array_equal(threaded.issame, sequential.issame)
+    # and both are the pixels of each JPEG decoded on its own
+    for i in (0, 1, 299, 598):
+        expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(images[i], np.uint8), cv2.IMREAD_COLOR),
+                                cv2.COLOR_BGR2RGB)  # fmt: skip
+        np.testing.assert_array_equal(sequential.images[i], expected.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("workers", [0, 4])
+def test_threaded_decoding_raises_the_first_error(real_pairs, tmp_path, workers):
+    images = list(real_pairs[0][:120])
+    images[70] = images[70][: len(images[70]) // 2]  # truncated, after the size error below
+    images[90] = b"garbage"
+    small = cv2.resize(cv2.imdecode(np.frombuffer(images[0], np.uint8), cv2.IMREAD_COLOR), (100, 100))
+    images[33] = encode_jpeg(cv2.cvtColor(small, cv2.COLOR_BGR2RGB))
+    path = tmp_path / "bad.bin"
+    write_bin(path, images, [True] * 60)
+    with pytest.raises(VerificationFileError, match=r"bad.bin: image 33 is 100x100, but image 0 is 112x112"):
+        load_bin(path, workers=workers)
+    images[33] = images[32]
+    write_bin(path, images, [True] * 60)
+    with pytest.raises(DecodeError, match=r"bad.bin image 70: truncated JPEG"):
+        load_bin(path, workers=workers)
+
+
+@pytest.fixture(scope="module")
+def faces(real_pairs):
+    return torch.from_numpy(np.stack([
+        cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        for b in real_pairs[0][:4:2]
+    ]).transpose(0, 3, 1, 2).copy())  # fmt: skip
+
+
+def test_bf16_autocast_features_are_close_to_fp32(faces):
+    torch.manual_seed(0)
+    model = build_backbone("mbf")
+    fp32 = TorchEmbedder(model)(faces)
+    with torch.no_grad():
+        plain = model.eval()((faces.float() / 127.5) - 1)
+    torch.testing.assert_close(fp32, plain)  # fp32: no autocast at all
+    bf16 = TorchEmbedder(model, precision="bf16")(faces)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # it did run in bf16
+    cosine = torch.nn.functional.cosine_similarity(bf16, fp32)
+    assert cosine.min() > 0.99, cosine
+
+
+def test_precision_is_checked(shared_data):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TorchEmbedder(build_backbone("mbf"), precision="int8")
+    onnx = shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"
+    with pytest.raises(ValueError, match="precision bf16 is for PyTorch models"):
+        load_embedder(onnx, precision="bf16")
+    assert load_embedder(onnx).precision == "fp32"
+
+
+def pixel_embedder(images: torch.Tensor) -> torch.Tensor:
+    """A cheap stand-in for a network: 4x4 average-pooled pixels, centred."""
+    x = torch.nn.functional.avg_pool2d(images.float(), 28).flatten(1)
+    return x - x.mean(dim=1, keepdim=True)
+
+
+def test_bench_eval_reports_every_row(shared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_eval, "make_embedder", lambda args, device, precision: _Named(precision))
+    out = tmp_path / "bench.json"
+    args = ["--limit", "40", "--speed-images", "24", "--batch-sizes", "8", "16", "--workers", "0", "2",
+            "--devices", "cpu", "--json", str(out)]  # fmt: skip
+    assert bench_eval.main(args) == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "whole .bin evaluation (40 pairs)" in printed and "peak RSS" in printed
+    assert [r["threads"] for r in report["decode"]] == [0, 2]
+    (run,) = report["runs"]
+    rows = [(r["batch"], r["flip"]) for r in run["extractor"]]
+    assert rows == [(8, False), (8, True), (16, False), (16, True)]
+    assert [r["workers"] for r in run["loader"]] == [0, 2]
+    assert all(r["images_per_s"] > 0 for r in [*run["extractor"], *run["loader"], *report["decode"]])
+    whole = run["whole"]
+    assert whole["pairs"] == 40 and whole["total_s"] >= whole["extract_s"] > 0 and run["peak_rss_mib"] > 100
+    images, issame = read_bin_raw(shared_data / "lfw_yunet112.bin")
+    path = tmp_path / "first40.bin"
+    write_bin(path, images[:80], issame[:40].tolist())
+    original, flipped = extract(pixel_embedder, load_bin(path).images, 16)
+    assert whole["accuracy"] == evaluate_pairs(fuse_flip(original, flipped), issame[:40])["accuracy"]
+
+
+class _Named:
+    """pixel_embedder with the attributes the benchmark reads from an embedder."""
+
+    def __init__(self, precision: str) -> None:
+        self.precision = precision
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return pixel_embedder(images)
