@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import AugmentConfig, ConfigError
+from core.config import AugmentConfig, ConfigError, load_config
 from data import masks
 from data.decode import decode_rgb, encode_jpeg
 from data.image_folder import ImageFolderFaces
@@ -315,3 +315,32 @@ def test_preview_grid_and_option_errors(celeba_folder, shared_data, tmp_path, ca
     assert status == 1 and "--types overlay needs --overlays DIR" in err
     status, err = run_tool(capsys, str(celeba_folder), str(tmp_path / "x"), "--prob", "2")
     assert status == 1 and "--prob must be in [0, 1]" in err
+
+
+# ---------------------------------------------------------------------------------- the masked recipe
+
+
+def test_masked_recipe_weights_classes_in_the_focal_loss():
+    import train
+
+    cfg = load_config(ROOT / "configs" / "recipes" / "masked_arcface_focal.yaml")
+    assert cfg.head.name == "arcface" and cfg.head.params == {"s": 45.0, "m": 0.4, "variant": "fallback"}
+    assert cfg.loss.name == "focal" and cfg.loss.params == {"gamma": 2.0}
+    assert cfg.loss.class_weights == "inverse_log_frequency" and cfg.data.augment.mask == 0.5
+    assert cfg.optim.nesterov and cfg.schedule.milestones == [5, 10, 15, 20] and cfg.train.epochs == 25
+    counts = np.array([2, 10, 50])
+    data_labels = np.repeat(np.arange(3), counts)
+    loss = train.build_loss(cfg, data_labels, num_classes=3)
+    w = 1 / np.log1p(counts)
+    w = w * 3 / w.sum()
+    assert np.allclose(loss.class_weights.numpy(), w)
+    ce = torch.tensor([0.3, 2.5, 1.2, 4.0, 0.8], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 2, 2])
+    focal = (1 - torch.exp(-ce)) ** 2 * ce
+    expected = (torch.from_numpy(w)[y] * focal).sum() / torch.from_numpy(w)[y].sum()
+    assert loss.reduce(ce, y).item() == pytest.approx(expected.item())
+    # the weights act with the focal loss (they do not cancel out): other weights, another loss
+    unweighted = train.build_loss(load_config(ROOT / "configs" / "recipes" / "masked_arcface_focal.yaml",
+                                              ["loss.class_weights=none"]), data_labels, 3)  # fmt: skip
+    assert unweighted.reduce(ce, y).item() == pytest.approx(focal.mean().item())
+    assert abs(loss.reduce(ce, y).item() - focal.mean().item()) > 0.1
