@@ -155,6 +155,16 @@ def test_template_pooling_against_direct_computation():
         pair_scores(ids, pooled, np.array([3, 42]), np.array([5, 7]))
 
 
+def test_pair_scores_in_blocks_equal_direct_dot_products():
+    rng = np.random.default_rng(7)
+    ids = np.array([2, 3, 5, 8, 13, 21, 34])
+    feats = rng.normal(size=(7, 5)).astype(np.float32)
+    t1, t2 = rng.choice(ids, 40), rng.choice(ids, 40)
+    direct = [feats[ids == a][0] @ feats[ids == b][0] for a, b in zip(t1, t2, strict=True)]
+    for block in (1, 3, 2048):
+        np.testing.assert_allclose(pair_scores(ids, feats, t1, t2, block=block), direct, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------- bad meta files
 
 

@@ -103,18 +103,19 @@ def template_features(
         raise ValueError(
             f"{features.shape} features for {templates.shape} template ids and {medias.shape} media ids"
         )
-    feats = features.astype(np.float64)
     if weights is not None:
         weights = np.asarray(weights, np.float64)
         if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any():
             raise ValueError(f"weights must be {n} finite non-negative numbers, got shape {weights.shape}")
-        feats *= weights[:, None]
     order = np.lexsort((medias, templates))
-    t, m, feats = templates[order], medias[order], feats[order]
+    t, m = templates[order], medias[order]
+    feats = features[order]  # one copy in the input's precision (IJB-C: 469k x 512)
+    if weights is not None:
+        feats = feats * weights[order, None].astype(feats.dtype)
     new_media = np.r_[True, (t[1:] != t[:-1]) | (m[1:] != m[:-1])]
     media_start = np.flatnonzero(new_media)
     counts = np.diff(np.r_[media_start, n])
-    media_feats = np.add.reduceat(feats, media_start, axis=0) / counts[:, None]
+    media_feats = np.add.reduceat(feats, media_start, axis=0, dtype=np.float64) / counts[:, None]
     media_template = t[media_start]
     template_start = np.flatnonzero(np.r_[True, media_template[1:] != media_template[:-1]])
     pooled = np.add.reduceat(media_feats, template_start, axis=0)
@@ -140,14 +141,25 @@ def template_rows(ids: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:
 
 
 def pair_scores(
-    ids: np.ndarray, feats: np.ndarray, t1: np.ndarray, t2: np.ndarray, chunk: int = 100_000
+    ids: np.ndarray, feats: np.ndarray, t1: np.ndarray, t2: np.ndarray, block: int = 2048
 ) -> np.ndarray:
-    """Cosine of the template features of each listed pair, ``chunk`` pairs at a time (float32)."""
+    """Cosine of the (unit) template features of each listed pair (float32).
+
+    IJB-C lists 15.7 M pairs over 23 k templates, so gathering two feature rows per pair would move tens
+    of gigabytes; instead the pairs are grouped by their first template and scored from
+    ``block`` x ``len(ids)`` similarity blocks (at most ``block * len(ids)`` floats at once, 190 MB for
+    IJB-C), about four times faster on a CPU.
+    """
     rows1, rows2 = template_rows(ids, t1, "1:1 pairs"), template_rows(ids, t2, "1:1 pairs")
-    scores = np.empty(len(rows1), np.float32)
-    for start in range(0, len(rows1), chunk):
-        a, b = feats[rows1[start : start + chunk]], feats[rows2[start : start + chunk]]
-        scores[start : start + chunk] = np.einsum("ij,ij->i", a, b)
+    order = np.argsort(rows1, kind="stable")
+    r1, r2 = rows1[order], rows2[order]
+    bounds = np.searchsorted(r1, np.arange(0, len(ids) + block, block))
+    scores = np.empty(len(r1), np.float32)
+    for b, start in enumerate(range(0, len(ids), block)):
+        lo, hi = bounds[b], bounds[b + 1]
+        if lo < hi:
+            sims = feats[start : start + block] @ feats.T
+            scores[order[lo:hi]] = sims[r1[lo:hi] - start, r2[lo:hi]]
     return scores
 
 
