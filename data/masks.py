@@ -53,19 +53,11 @@ SURGICAL_COLORS: tuple[RGB, ...] = (
     (238, 185, 200), (200, 190, 230), (205, 208, 212), (40, 42, 46),
 )  # fmt: skip
 N95_COLORS: tuple[RGB, ...] = (
-    (242, 242, 238),
-    (230, 226, 212),
-    (200, 202, 204),
-    (170, 185, 200),
-    (48, 48, 52),
-)
+    (242, 242, 238), (230, 226, 212), (200, 202, 204), (170, 185, 200), (48, 48, 52),
+)  # fmt: skip
 VALVE_COLORS: tuple[RGB, ...] = (
-    (235, 235, 235),
-    (150, 150, 155),
-    (60, 60, 64),
-    (70, 110, 170),
-    (215, 120, 50),
-)
+    (235, 235, 235), (150, 150, 155), (60, 60, 64), (70, 110, 170), (215, 120, 50),
+)  # fmt: skip
 CLOTH_COLORS: tuple[RGB, ...] = (
     (30, 30, 32), (35, 45, 85), (70, 95, 140), (70, 72, 78), (115, 30, 45), (175, 40, 45), (95, 100, 55),
     (180, 165, 125), (225, 140, 170), (100, 60, 130), (30, 120, 125), (205, 160, 50), (230, 230, 228),
@@ -252,27 +244,22 @@ def _jitter_color(rng: np.random.Generator, palette: Sequence[RGB], spread: floa
     return tuple(np.clip(base + rng.uniform(-spread, spread, 3), 0, 255).tolist())  # type: ignore[return-value]
 
 
+# Each type's shape (MaskShape's fields from top to bulge, face-frame units) and the half-range of the uniform
+# jitter of each; the photographed overlays take the surgical shape.
+SHAPES: dict[str, tuple[float, ...]] = {
+    "surgical": (0.27, 0.12, 0.18, 1.12, 0.95, 1.04, 1.46, 2.2, 0.05),
+    "n95": (0.265, 0.24, 0.08, 1.02, 0.72, 1.10, 1.50, 1.6, 0.10),
+    "cloth": (0.28, 0.13, 0.25, 1.08, 0.88, 1.05, 1.50, 2.0, 0.06),
+}
+SHAPE_JITTER = np.array([0.02, 0.03, 0.0, 0.05, 0.05, 0.04, 0.04, 0.0, 0.0])
+
+
 def _shape(kind: str, rng: np.random.Generator) -> MaskShape:
     j = rng.uniform(-1.0, 1.0, size=8)
+    jitter = SHAPE_JITTER * np.array([j[0], j[1], 0, j[2], j[3], j[4], j[5], 0, 0])
+    values = np.asarray(SHAPES["surgical" if kind == "overlay" else kind]) + jitter
     ear = (float(1.42 + 0.06 * j[6]), float(0.38 + 0.05 * j[7]))
-    if kind == "n95":
-        return MaskShape(
-            top=0.265 + 0.02 * j[0], rise=0.24 + 0.03 * j[1], apex=0.08, half_width=1.02 + 0.05 * j[2],
-            bottom_half_width=0.72 + 0.05 * j[3], corner=1.1 + 0.04 * j[4], chin=1.5 + 0.04 * j[5],
-            bottom_power=1.6, bulge=0.1, ear=ear,
-        )  # fmt: skip
-    if kind == "cloth":
-        return MaskShape(
-            top=0.28 + 0.02 * j[0], rise=0.13 + 0.03 * j[1], apex=0.25, half_width=1.08 + 0.05 * j[2],
-            bottom_half_width=0.88 + 0.05 * j[3], corner=1.05 + 0.04 * j[4], chin=1.5 + 0.04 * j[5],
-            bottom_power=2.0, bulge=0.06, ear=ear,
-        )  # fmt: skip
-    # surgical and the photographed overlays share the pleated rectangle's shape
-    return MaskShape(
-        top=0.27 + 0.02 * j[0], rise=0.12 + 0.03 * j[1], apex=0.18, half_width=1.12 + 0.05 * j[2],
-        bottom_half_width=0.95 + 0.05 * j[3], corner=1.04 + 0.04 * j[4], chin=1.46 + 0.04 * j[5],
-        bottom_power=2.2, bulge=0.05, ear=ear,
-    )  # fmt: skip
+    return MaskShape(*(float(x) for x in values), ear=ear)
 
 
 def draw_style(
