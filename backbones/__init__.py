@@ -11,7 +11,7 @@ from core.registry import Registry
 BACKBONES = Registry("backbone")
 
 # Importing the modules registers their architectures.
-from backbones import iresnet, mobilefacenet  # noqa: E402,F401
+from backbones import inception_resnet, iresnet, mobilefacenet, resface, seresnext  # noqa: E402,F401
 
 
 def build_backbone(name: str, **kwargs: Any) -> nn.Module:

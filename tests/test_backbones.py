@@ -31,20 +31,24 @@ REF = _load_reference_tools()
 LAYOUTS: dict[str, list] = json.loads((FIXTURES / REF.SHAPES_FILE).read_text())["layouts"]
 EMBEDDINGS: dict[str, list] = json.loads((FIXTURES / REF.OUTPUTS_FILE).read_text())["embeddings"]
 
-# The deep IResNets run on 32x32 inputs (fc sized for 2x2 maps) to keep this file fast; every other
-# backbone runs at the standard 112x112.
-SMALL_INPUT = {"r34", "r50", "r100", "r200"}
-ALL = list_backbones()
+# The deep IResNets, ResFace64 and SE-ResNeXt run on 32x32 inputs (2x2 or 1x1 final maps) to keep this file
+# fast, InceptionResNetV1 on 80x80 (it needs 75); every other backbone at the standard 112x112.
+SMALL_INPUT = {"r34": 32, "r50": 32, "r100": 32, "r200": 32, "resface64": 32, "seresnext101_32x4d": 32}
+SMALL_INPUT["inception_resnet_v1"] = 80
+# Pooling variants (``*_gem``) are their base network with GeM in place of the average pool: the checks below
+# run on the base network, tests/test_backbones_extra.py checks the variants' pooling.
+ALL = [name for name in list_backbones() if not name.endswith("_gem")]
 
 
 def input_size(name: str) -> int:
-    return 32 if name in SMALL_INPUT else 112
+    return SMALL_INPUT.get(name, 112)
 
 
 def make(name: str, **kw) -> nn.Module:
     torch.manual_seed(0)
     if name in SMALL_INPUT:
-        kw.setdefault("input_size", 32)
+        kw.setdefault("input_size", SMALL_INPUT[name])
+    kw.setdefault("embedding_size", 512)  # the checks below assume 512; resface64's own default is 256
     return build_backbone(name, **kw)
 
 
@@ -123,7 +127,9 @@ def test_registry_lists_all_backbones():
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(UnknownNameError, match=r"unknown backbone 'r101'.*valid names: mbf, mbf_large, r100"):
+    with pytest.raises(
+        UnknownNameError, match=r"unknown backbone 'r101'.*valid names: .*mbf, mbf_large, r100"
+    ):
         build_backbone("r101")
 
 
