@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from backbones import BACKBONES
-from backbones.common import body_autocast, check_precision, fp32_head, run_block
-from backbones.pooling import adopt_reference_state, global_pool
+from backbones.common import body_autocast, check_precision, run_block
+from backbones.pooling import adopt_reference_state, global_pool, pooled_embedding
 
 BN_EPS = 1e-3  # facenet-pytorch's value, from the TensorFlow original
 MIN_INPUT = 75  # smallest side for which Mixed_7a still sees a 3x3 map
@@ -231,9 +231,8 @@ class InceptionResNetV1(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        with fp32_head(x):
-            x = self.last_bn(self.last_linear(self.dropout(self.global_pool(x.float()))))
+        fmap = self.forward_features(x)
+        x = pooled_embedding(fmap, self.global_pool, self.dropout, self.last_linear, self.last_bn)
         return F.normalize(x, dim=1) if self.normalize_output else x
 
 

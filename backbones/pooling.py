@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from backbones.common import fp32_head
+
 POOLINGS = ("avg", "gem")
 
 
@@ -61,6 +63,15 @@ def global_pool(kind: str) -> nn.Module:
     if kind == "gem":
         return GeM()
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {kind!r}")
+
+
+def pooled_embedding(
+    fmap: torch.Tensor, pool: nn.Module, dropout: nn.Module, fc: nn.Module, bn: nn.Module
+) -> torch.Tensor:
+    """The "Pool-Dropout-FC-BN" embedding layer of a globally pooled backbone, in fp32 whatever the body's
+    precision (GeM's cube of an fp16 map overflows; the embedding feeds the margin softmax)."""
+    with fp32_head(fmap):
+        return bn(fc(dropout(pool(fmap.float()))))
 
 
 def adopt_reference_state(

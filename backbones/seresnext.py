@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from backbones import BACKBONES
-from backbones.common import body_autocast, check_precision, fp32_head, run_block
-from backbones.pooling import adopt_reference_state, global_pool
+from backbones.common import body_autocast, check_precision, run_block
+from backbones.pooling import adopt_reference_state, global_pool, pooled_embedding
 
 DEPTHS = {"seresnext101_32x4d": (3, 4, 23, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -173,9 +173,8 @@ class SEResNeXt(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        with fp32_head(x):
-            return self.features(self.embedding(self.dropout(self.global_pool(x.float()))))
+        fmap = self.forward_features(x)
+        return pooled_embedding(fmap, self.global_pool, self.dropout, self.embedding, self.features)
 
 
 def from_timm(state: Mapping[str, torch.Tensor], model: SEResNeXt) -> dict[str, torch.Tensor]:

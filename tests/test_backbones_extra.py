@@ -350,6 +350,12 @@ def test_gem_variant_trains_p_in_fp32_with_bf16_body_and_checkpointing():
     with torch.no_grad():
         out = low(x)
     assert seen == [(torch.float32, torch.float32)] and out.dtype == torch.float32
+    # and an enclosing autocast (the trainer's) leaves the pool, FC and BN1d in fp32 too
+    plain.eval().embedding.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain.forward_features(x).dtype == torch.bfloat16
+        out = plain(x)
+    assert seen[-1] == (torch.float32, torch.float32) and out.dtype == torch.float32
 
 
 # --- ResFace64 ------------------------------------------------------------------------------------
