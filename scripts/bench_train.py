@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="images per step")
     p.add_argument("--classes", type=int, default=10_000, help="classifier size (synthetic mode)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--input-size", type=int, default=0, help="network input side (model.input_size)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -54,6 +55,7 @@ def config(args: argparse.Namespace, root: str):
             f"model.precision={args.precision}", f"model.channels_last={str(args.channels_last).lower()}",
             f"model.compile={str(args.compile).lower()}", f"data.root={root}",
             f"data.num_workers={args.workers}", "data.val_root=", "train.epochs=1000",
+            *([f"model.input_size={args.input_size}"] if args.input_size else []),
         ],
     )  # fmt: skip
 
@@ -84,7 +86,7 @@ def synthetic_step(
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        x = normalize_batch(images)
+        x = normalize_batch(images, size=cfg.model.input_size)
         if cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ce, all_labels = classifier.per_sample_ce(model(x), labels)
@@ -116,7 +118,7 @@ def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step, backbone = (recordio_step if args.rec else synthetic_step)(args, device)
-    gflops = forward_gflops(backbone, device, 112)
+    gflops = forward_gflops(backbone, device, backbone.input_size)
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -141,7 +143,8 @@ def main() -> None:
     mode = f"RecordIO {args.rec}" if args.rec else f"synthetic, {args.classes} classes"
     print(f"device: {name}; {mode}")
     print(
-        f"{args.backbone} + {args.head}, batch {args.batch}, {args.precision}"
+        f"{args.backbone} + {args.head}, input {backbone.input_size}x{backbone.input_size}, "
+        f"batch {args.batch}, {args.precision}"
         f"{', channels_last' if args.channels_last else ''}{', compile' if args.compile else ''}"
     )
     print(f"forward: {gflops:.2f} GFLOP/image")
