@@ -22,6 +22,11 @@ class AlignedFaces(torch.utils.data.Dataset):
     error naming it; grey photos get three equal channels) and warped by :func:`face_alignment.align_face`
     (least-squares similarity, bilinear, black outside the photo), as insightface's IJB evaluation does.
     Decoding and alignment run in the loader's worker processes.
+
+    Constructing the dataset switches OpenCV's own thread pool off in this process
+    (``cv2.setNumThreads(0)``): the loader parallelises over processes, and a worker forked while a pool
+    thread of the parent holds the pool's lock inherits the lock held and hangs at its first warp (seen
+    here as a worker blocked on a mutex inside cv2 after the parent had aligned faces itself).
     """
 
     def __init__(
@@ -34,6 +39,7 @@ class AlignedFaces(torch.utils.data.Dataset):
         self.paths = [Path(p) for p in paths]
         self.landmarks = np.asarray(landmarks, np.float64).reshape(len(self.paths), 5, 2)
         self.size, self.border = size, border
+        cv2.setNumThreads(0)
 
     def __len__(self) -> int:
         return len(self.paths)
