@@ -232,7 +232,7 @@ def plot_roc(results: dict[str, Any], path: Path, title: str) -> Path:
         roc = mode["1:1"]
         ax.plot(roc["fpr"], roc["tpr"], lw=1.2,
                 label=f"{mode_name} (TAR@1e-4 = {roc['tar_at_far'][1e-4] * 100:.2f}%)")  # fmt: skip
-    ax.set(xscale="log", xlim=(1e-6, 1), ylim=(0, 1.0), xlabel="False accept rate",
+    ax.set(xscale="log", xlim=(1e-6, 1), ylim=(0, 1.01), xlabel="False accept rate",
            ylabel="True accept rate", title=title)  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)
@@ -324,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with atomic_write(args.out / f"{stem}.json", "w", encoding="utf-8") as fh:
             json.dump(to_json(results), fh, indent=2)
         if "1:1" in args.protocols:
-            plot_roc(results, args.out / f"{stem}_roc.png", f"{DATASETS[args.dataset][0]} 1:1 ROC ({about})")
+            title = f"{DATASETS[args.dataset][0]} 1:1 ROC, {args.model.name}"
+            plot_roc(results, args.out / f"{stem}_roc.png", title)
         print(f"wrote {args.out / stem}.{{txt,json}}" + (" and _roc.png" if "1:1" in args.protocols else ""))
     return 0
 
