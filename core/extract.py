@@ -73,6 +73,11 @@ def extract_dataset(
     ``progress`` names a tqdm bar (None: no bar)."""
     from tqdm import tqdm
 
+    if num_workers > 0:
+        # The workers are forked: a worker forked while one of OpenCV's pool threads holds the pool's lock
+        # inherits it held and hangs at its first cv2 call. The loader parallelises over processes, so
+        # OpenCV's own threads are switched off (in this process, for good).
+        cv2.setNumThreads(0)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -93,7 +98,8 @@ def extract_dataset(
 
 
 def _stack_uint8(items: list) -> torch.Tensor:
-    batch = torch.stack([torch.as_tensor(item) for item in items])
+    # numpy: torch.stack of many small uint8 tensors is slow with several intra-op threads
+    batch = torch.from_numpy(np.stack([np.asarray(item) for item in items]))
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
         raise ValueError(
             f"dataset items must be uint8 (3, H, W) images, got {batch.dtype} {tuple(batch.shape[1:])}"
@@ -116,13 +122,17 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def read(self, i: int) -> np.ndarray:
+        """The decoded photo ``paths[i]``, uint8 RGB (H, W, 3)."""
         path = self.paths[i]
         try:
             data = path.read_bytes()
         except OSError as err:
             raise OSError(f"{path}: cannot read image: {err.strerror or err}") from None
-        img = decode_rgb(data, str(path))
+        return decode_rgb(data, str(path))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        img = self.read(i)
         if img.shape[:2] != (self.size, self.size):
             img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
         return np.ascontiguousarray(img.transpose(2, 0, 1))
