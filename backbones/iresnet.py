@@ -126,15 +126,23 @@ class IResNet(nn.Module):
         """Every residual block, input to output."""
         return [block for stage in self.stages for block in stage]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last map (N, 512, s/16, s/16) after ``bn2``, in the body's precision."""
         with body_autocast(x, self.precision):
             x = self.prelu(self.bn1(self.conv1(x)))
             for block in self.blocks():
                 x = run_block(block, x, self.grad_checkpoint)
-            x = self.bn2(x)
-            x = self.dropout(torch.flatten(x, 1))
-        with fp32_head(x):
-            return self.features(self.fc(x.float()))
+            return self.bn2(x)
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The embedding; with ``return_features`` also the flattened last map (``conv_final``, fp32, before
+        dropout) from the same pass, for ProbFace's uncertainty module."""
+        conv_final = torch.flatten(self.forward_features(x), 1)
+        with fp32_head(conv_final):
+            embedding = self.features(self.fc(self.dropout(conv_final).float()))
+        return (embedding, conv_final.float()) if return_features else embedding
 
 
 def _make(name: str):

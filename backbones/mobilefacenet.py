@@ -144,12 +144,23 @@ class MobileFaceNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last map (N, 512, s/16, s/16): the ``conv_sep`` output the GDC head pools, in fp32."""
         with body_autocast(x, self.precision):
             for layer in self.layers:
                 x = run_block(layer, x, self.grad_checkpoint)
         with fp32_head(x):
-            return self.features(self.conv_sep(x.float()))
+            return self.conv_sep(x.float())
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The embedding; with ``return_features`` also the flattened last map (``conv_final``) from the
+        same pass, for ProbFace's uncertainty module."""
+        conv_map = self.forward_features(x)
+        with fp32_head(conv_map):
+            embedding = self.features(conv_map)
+        return (embedding, torch.flatten(conv_map, 1)) if return_features else embedding
 
 
 @BACKBONES.register("mbf")
