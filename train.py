@@ -7,10 +7,13 @@
 
 The backbone is wrapped in DDP (gradients summed over ranks, see ``core.distributed``); the classifier is
 Partial FC over any registered margin head, its class centres sharded across ranks; the loss is a function
-of the per-sample cross-entropy (``losses``). One optimizer step consumes one global batch of
-``data.batch_size x processes x optim.grad_accum`` images in the order of ``data.sampler``, so a run
-resumes mid-epoch, and on another number of processes with the same global batch, exactly where it
-stopped. ``output_dir`` receives config.yaml, train.log, tensorboard/, step_N.pt, last.pt and best.pt.
+of the per-sample cross-entropy (``losses``). With ``head.name: none`` there is no classifier: the loss is
+computed on the embeddings of PK batches (``data.sampler: pk``; ``loss.name: triplet`` with online mining,
+or ``probface``, which trains an uncertainty module on a frozen pretrained backbone). One optimizer step
+consumes one global batch of ``data.batch_size x processes x optim.grad_accum`` images in the order of
+``data.sampler``, so a run resumes mid-epoch, and on another number of processes with the same global
+batch, exactly where it stopped. ``output_dir`` receives config.yaml, train.log, tensorboard/, step_N.pt,
+last.pt and best.pt.
 """
 
 from __future__ import annotations
@@ -59,14 +62,16 @@ from data import image_folder, recordio
 from data.builder import build_train_dataset
 from data.decode import DecodeError
 from data.sampler import GlobalBatchSampler, KeyedFaceDataset
-from data.transforms import normalize_batch
+from data.transforms import FaceDataset, normalize_batch
 from data.verification import VerificationFileError, VerificationSet, load_bin
 from heads.partial_fc import PartialFC
 from heads.registry import HEADS
 from losses import LOSSES
 from losses.softmax_losses import inverse_log_frequency_weights
-from mining import DifficultyScores
+from mining import DifficultyScores, PKSampler
 from mining.closeness_diversity import ClosenessDiversityMiner, MinedTerms
+from probface.loss import ProbFaceLoss  # registers loss "probface"
+from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size, has_feature_output
 from validation_hq.evaluate import score
 
 
@@ -91,14 +96,16 @@ class Run:
     dataset: KeyedFaceDataset
     sampler: GlobalBatchSampler
     backbone: nn.Module  # the bare backbone (what checkpoints hold)
-    model: nn.Module  # the backbone as trained: DDP and/or compiled
-    classifier: PartialFC
+    model: nn.Module  # the backbone (with the uncertainty module) as trained: DDP and/or compiled
+    classifier: PartialFC | None  # None with head.name none (the loss is on the embeddings)
     loss: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler | None
     val_paths: list[Path]
     total_steps: int
+    num_classes: int
+    uncertainty: UncertaintyModule | None = None  # ProbFace (model.uncertainty)
     difficulty: DifficultyScores | None = None  # per-image EMA target cosine (mining.difficulty)
     miner: ClosenessDiversityMiner | None = None  # closeness-diversity stage 2 (mining.cd_interval)
     mined: MinedTerms | None = None  # the last mined batch's terms
@@ -155,9 +162,117 @@ def build_loss(cfg: Config, labels: np.ndarray, num_classes: int) -> nn.Module:
         counts = torch.from_numpy(np.bincount(labels, minlength=num_classes))
         params["class_weights"] = inverse_log_frequency_weights(counts.clamp(min=1))
     loss = LOSSES.build(cfg.loss.name, **params)
-    if not hasattr(loss, "reduce"):
-        raise ConfigError(f"loss.name {cfg.loss.name!r} is not a loss on the head's cross-entropy")
+    if cfg.head.name == "none" and hasattr(loss, "reduce"):
+        raise ConfigError(
+            f"loss.name {cfg.loss.name!r} is a loss on a head's cross-entropy; head.name none needs a loss "
+            "on the embeddings (triplet, probface)"
+        )
+    if cfg.head.name != "none" and not hasattr(loss, "reduce"):
+        raise ConfigError(
+            f"loss.name {cfg.loss.name!r} is not a loss on the head's cross-entropy (a loss on the "
+            "embeddings trains with head.name: none)"
+        )
+    if isinstance(loss, ProbFaceLoss) != (cfg.model.uncertainty != "none"):
+        raise ConfigError("loss.name probface and model.uncertainty (scalar or per_dim) go together")
     return loss
+
+
+def check_metric_settings(cfg: Config) -> None:
+    """Settings that only work together (metric learning, ProbFace), checked before anything is built."""
+    if cfg.head.name == "none":
+        if cfg.data.sampler != "pk":
+            raise ConfigError(
+                "head.name none trains on the embeddings, whose loss needs several images per identity in "
+                "each batch: set data.sampler: pk"
+            )
+        if cfg.mining.difficulty:
+            raise ConfigError("mining.difficulty tracks a head's target cosines; head.name is none")
+    if cfg.model.uncertainty != "none" and cfg.head.name != "none":
+        raise ConfigError("model.uncertainty (ProbFace) trains with head.name: none and loss.name: probface")
+    if cfg.model.freeze_backbone and cfg.model.uncertainty == "none":
+        raise ConfigError("model.freeze_backbone leaves nothing to train without model.uncertainty")
+
+
+class PKBatchSampler(GlobalBatchSampler):
+    """The global-batch order of :class:`GlobalBatchSampler` made of PK groups (SPEC §3.10).
+
+    Global batch b holds ``batch_size / k x world_size x grad_accum`` identities with ``k`` images each
+    (``mining.PKSampler``: every identity once per epoch, images repeated when an identity has fewer than k),
+    laid out so that every micro-batch holds whole groups: each rank's micro-batch is a PK batch of
+    ``batch_size / k`` identities and its triplets are mined within it. So 2 processes see exactly what 1
+    process sees with 2 accumulated micro-batches, and a run resumes mid-epoch as with the random order.
+    """
+
+    def __init__(
+        self,
+        positions: dict[int, np.ndarray],
+        batch_size: int,
+        k: int,
+        world_size: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if k < 1 or batch_size % k or batch_size // k < 2:
+            raise ConfigError(
+                f"data.batch_size {batch_size} must be a multiple of data.pk_k {k} holding at least 2 "
+                "identities per micro-batch"
+            )
+        identities = batch_size // k * world_size * grad_accum
+        if len(positions) < identities:
+            raise ConfigError(
+                f"data.sampler pk: a global batch holds {identities} identities ({batch_size // k} per "
+                f"micro-batch x {world_size} processes x {grad_accum} accumulated), the data has "
+                f"{len(positions)}"
+            )
+        self.pk = PKSampler(positions, p=identities, k=k, seed=seed, rank=0, world_size=1)
+        global_batch = batch_size * world_size * grad_accum
+        super().__init__(len(self.pk) * global_batch, batch_size, world_size, rank, grad_accum, seed)
+
+    def order(self, epoch: int) -> np.ndarray:
+        self.pk.set_epoch(epoch)
+        return np.concatenate(list(self.pk))
+
+
+def build_sampler(cfg: Config, faces: FaceDataset, world: int, rank: int) -> GlobalBatchSampler:
+    if cfg.data.sampler == "pk":
+        return PKBatchSampler(
+            faces.source.indices_per_identity(), cfg.data.batch_size, cfg.data.pk_k, world, rank,
+            cfg.optim.grad_accum, seed=cfg.experiment.seed,
+        )  # fmt: skip
+    return GlobalBatchSampler(
+        len(faces), cfg.data.batch_size, world, rank, cfg.optim.grad_accum, seed=cfg.experiment.seed
+    )
+
+
+def load_pretrained(cfg: Config, backbone: nn.Module) -> None:
+    """The backbone weights of checkpoint ``model.pretrained``, trained with this run's architecture,
+    embedding and input size and colour order."""
+    path = cfg.model.pretrained
+    state = load_checkpoint(path)
+    meta = state.get("meta", {})
+    expected = {
+        "arch": cfg.model.backbone,
+        "embedding_size": cfg.model.embedding_size,
+        "input_size": cfg.model.input_size or cfg.data.image_size,
+        "color": cfg.data.color,
+    }
+    wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in expected.items() if meta.get(k) != v]
+    if wrong:
+        raise CheckpointError(f"model.pretrained {path}: trained with {', '.join(wrong)}")
+    backbone.load_state_dict(state["backbone"])
+
+
+def build_uncertainty(cfg: Config, backbone: nn.Module) -> UncertaintyModule | None:
+    if cfg.model.uncertainty == "none":
+        return None
+    if not has_feature_output(backbone):
+        raise ConfigError(
+            f"model.backbone {cfg.model.backbone} does not return its last feature map "
+            "(forward(x, return_features=True)), which model.uncertainty reads"
+        )
+    in_features = conv_final_size(backbone, cfg.model.input_size or cfg.data.image_size)
+    return UncertaintyModule(in_features, cfg.model.uncertainty, cfg.model.embedding_size)
 
 
 def val_set_paths(cfg: Config) -> list[Path]:
@@ -186,6 +301,7 @@ def check_labels(labels: np.ndarray, num_classes: int, root: str) -> None:
 def build(cfg: Config, device: torch.device) -> Run:
     """Data, model, classifier, loss, optimizer and schedule of ``cfg``, checked before any step."""
     rank, world = get_rank(), get_world_size()
+    check_metric_settings(cfg)
     if cfg.train.best_metric != "mean" and cfg.train.best_metric not in cfg.data.val_targets:
         raise ConfigError(
             f"train.best_metric {cfg.train.best_metric!r} is neither 'mean' nor in data.val_targets"
@@ -195,19 +311,24 @@ def build(cfg: Config, device: torch.device) -> Run:
     labels = np.asarray(faces.source.labels(), dtype=np.int64)
     check_labels(labels, num_classes, cfg.data.root)
     dataset = KeyedFaceDataset(faces, seed=cfg.experiment.seed)
-    sampler = GlobalBatchSampler(
-        len(dataset), cfg.data.batch_size, world, rank, cfg.optim.grad_accum, seed=cfg.experiment.seed
-    )
+    sampler = build_sampler(cfg, faces, world, rank)
     torch.manual_seed(cfg.experiment.seed)  # the same initial weights on every rank
-    backbone = build_model(cfg).to(device)
+    backbone = build_model(cfg)
+    if cfg.model.pretrained:
+        load_pretrained(cfg, backbone)
+    uncertainty = build_uncertainty(cfg, backbone)
+    backbone = backbone.to(device)
     if cfg.model.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    classifier = build_classifier(cfg, num_classes).to(device)
+    classifier = build_classifier(cfg, num_classes).to(device) if cfg.head.name != "none" else None
     loss = build_loss(cfg, labels, num_classes).to(device)
     model: nn.Module = backbone
+    if uncertainty is not None:
+        uncertainty = uncertainty.to(device)
+        model = ProbFaceNet(backbone, uncertainty, frozen_backbone=cfg.model.freeze_backbone)
     if world > 1:
         model = DistributedDataParallel(
-            backbone,
+            model,
             device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=cfg.model.ddp_bucket_mb,
             static_graph=cfg.model.ddp_static_graph,
@@ -215,7 +336,7 @@ def build(cfg: Config, device: torch.device) -> Run:
         register_sum_hook(model, fp16=cfg.model.ddp_fp16_grads)
     if cfg.model.compile:
         model = torch.compile(model)
-    optimizer = build_optimizer(cfg.optim, [backbone, classifier])
+    optimizer = build_optimizer(cfg.optim, [m for m in (backbone, uncertainty, classifier) if m is not None])
     total_steps = sampler.steps_per_epoch * cfg.train.epochs
     scheduler = build_scheduler(optimizer, cfg.schedule, sampler.steps_per_epoch, total_steps)
     scaler = torch.amp.GradScaler(device.type, growth_interval=100) if cfg.model.precision == "fp16" else None
@@ -227,7 +348,7 @@ def build(cfg: Config, device: torch.device) -> Run:
         cfg=cfg, device=device, out=Path(cfg.output_dir), dataset=dataset, sampler=sampler,
         backbone=backbone, model=model, classifier=classifier, loss=loss, optimizer=optimizer,
         scheduler=scheduler, scaler=scaler, val_paths=val_set_paths(cfg), total_steps=total_steps,
-        difficulty=difficulty, miner=miner,
+        num_classes=num_classes, uncertainty=uncertainty, difficulty=difficulty, miner=miner,
     )  # fmt: skip
     if miner is not None:  # mined images take the training transform of the current epoch
         miner.load = lambda positions: torch.stack([run.dataset[(run.epoch, int(i))][0] for i in positions])
@@ -267,8 +388,12 @@ def network_input(run: Run, images: torch.Tensor) -> torch.Tensor:
 
 def forward_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Loss of one micro-batch: the global-batch loss on the sharded classifier, plus a head's own
-    regulariser (MagFace) as this rank's share of a global mean."""
-    embeddings = run.model(network_input(run, images))
+    regulariser (MagFace) as this rank's share of a global mean. Without a head, the loss of this PK
+    micro-batch on its own, as this rank's share of the mean over the ranks (DDP sums their gradients)."""
+    outputs = run.model(network_input(run, images))
+    if run.classifier is None:
+        return run.loss(outputs, labels.to(run.device, non_blocking=True)) / get_world_size()
+    embeddings = outputs
     ce, all_labels = run.classifier.per_sample_ce(embeddings, labels.to(run.device, non_blocking=True))
     loss = run.loss.reduce(ce, all_labels)
     regularizer = getattr(run.classifier.head, "regularizer", None)
@@ -282,7 +407,7 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     seed_step(run)
     run.optimizer.zero_grad(set_to_none=True)
     # BN statistics and head buffers as they were: a skipped step must not leave inf/NaN in them
-    buffers = [b for m in (run.backbone, run.classifier) for b in m.buffers()]
+    buffers = [b for m in trained_modules(run) for b in m.buffers()]
     saved = [b.detach().clone() for b in buffers]
     losses, seen = [], []
     for i, (images, labels, indices) in enumerate(micro_batches):
@@ -319,7 +444,8 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
     if run.cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.backbone.parameters(), run.cfg.optim.grad_clip)
+        clipped = [p for m in (run.backbone, run.uncertainty) if m is not None for p in m.parameters()]
+        torch.nn.utils.clip_grad_norm_(clipped, run.cfg.optim.grad_clip)
     if run.scaler:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -327,6 +453,16 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
         run.optimizer.step()
     run.scheduler.step()
     return total
+
+
+def trained_modules(run: Run) -> list[nn.Module]:
+    return [m for m in (run.backbone, run.uncertainty, run.classifier) if m is not None]
+
+
+def train_mode(run: Run) -> None:
+    """Training mode, except for a frozen backbone, which keeps its BN statistics and no dropout."""
+    for module in trained_modules(run):
+        module.train(module is not run.backbone or not run.cfg.model.freeze_backbone)
 
 
 def add_mined_gradient(run: Run, labels: torch.Tensor) -> None:
@@ -369,8 +505,7 @@ def train_one_epoch(run: Run, log: Logbook, limit: int) -> None:
     the epoch ends or ``run.step`` reaches ``limit``."""
     cfg = run.cfg
     loader = epoch_loader(run)
-    run.backbone.train()
-    run.classifier.train()
+    train_mode(run)
     window_loss, window_good, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     for micro_batches in micro_batch_groups(loader, cfg.optim.grad_accum):
         loss = train_step(run, micro_batches)
@@ -414,9 +549,11 @@ def report(run: Run, log: Logbook, loss: float, steps: int, elapsed: float) -> N
     if run.mined is not None:
         values.update({"mining/closeness": run.mined.closeness, "mining/diversity": run.mined.diversity,
                        "mining/threshold": run.mined.threshold})  # fmt: skip
-    for name, buffer in run.classifier.head.named_buffers():
+    for name, buffer in run.classifier.head.named_buffers() if run.classifier is not None else ():
         if buffer.ndim == 0:  # AdaFace batch_mean/batch_std, CurricularFace t
             values[f"head/{name}"] = float(buffer)
+    # the last micro-batch's terms of a loss on the embeddings (active triplets, ProbFace's MLS, ...)
+    values.update({f"loss/{k}": float(v) for k, v in getattr(run.loss, "last_stats", {}).items()})
     log.scalars(run.step, values)
     text = " ".join(f"{k.split('/')[1]} {v:.5g}" for k, v in values.items())
     log.line(f"epoch {run.epoch} step {run.step}/{run.total_steps} {text}")
@@ -433,7 +570,7 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
     for val in run.val_sets:
         original, flipped = extract(embedder, val.images, run.cfg.train.val_batch_size, flip=True, shard=True)
         results[val.name] = score(original, flipped, val.issame, "sum")
-    run.backbone.train()
+    train_mode(run)
     return results
 
 
@@ -468,8 +605,13 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     return {
         "config": config_to_dict(cfg),
         "backbone": run.backbone.state_dict(),
-        "head": run.classifier.state_dict(),
-        "optimizer": run.classifier.optimizer_state_dict(run.optimizer),
+        "head": run.classifier.state_dict() if run.classifier is not None else {},
+        "optimizer": (
+            run.classifier.optimizer_state_dict(run.optimizer)
+            if run.classifier is not None
+            else run.optimizer.state_dict()
+        ),
+        "uncertainty": run.uncertainty.state_dict() if run.uncertainty is not None else None,
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "step": run.step,
@@ -490,8 +632,9 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "input_size": cfg.model.input_size or cfg.data.image_size,
             "color": cfg.data.color,
             "normalization": NORMALIZATION,
-            "num_classes": run.classifier.num_classes,
+            "num_classes": run.num_classes,
             "head": cfg.head.name,
+            "uncertainty": cfg.model.uncertainty,
         },
     }
 
@@ -528,9 +671,24 @@ def resume(run: Run, path: Path) -> str:
     old = config_to_dict(config_from_dict(state["config"], source=str(path)))
     changed = [f"{s}.{k}" for s, v in config_to_dict(run.cfg).items() if isinstance(v, dict)
                for k in v if old.get(s, {}).get(k) != v[k]]  # fmt: skip
+    if bool(state["head"]) != (run.classifier is not None):
+        raise CheckpointError(
+            f"{path}: trained with head {state['meta']['head']!r}, this run has head.name "
+            f"{run.cfg.head.name!r}: a classifier and a loss on the embeddings do not resume one another"
+        )
+    if (state.get("uncertainty") is not None) != (run.uncertainty is not None):
+        raise CheckpointError(
+            f"{path}: model.uncertainty was {state['meta'].get('uncertainty', 'none')!r}, this run has "
+            f"{run.cfg.model.uncertainty!r}"
+        )
     run.backbone.load_state_dict(state["backbone"])
-    run.classifier.load_state_dict(state["head"])
-    run.classifier.load_optimizer_state_dict(run.optimizer, state["optimizer"])
+    if run.uncertainty is not None:
+        run.uncertainty.load_state_dict(state["uncertainty"])
+    if run.classifier is not None:
+        run.classifier.load_state_dict(state["head"])
+        run.classifier.load_optimizer_state_dict(run.optimizer, state["optimizer"])
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.scaler and state["scaler"]:
         run.scaler.load_state_dict(state["scaler"])
@@ -558,6 +716,10 @@ def resume(run: Run, path: Path) -> str:
 def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) -> Run:
     """Build, resume if asked, train to the end (or ``train.max_steps``), validate and save."""
     device = device or init_distributed()
+    if cfg.model.freeze_backbone and not cfg.model.pretrained:
+        raise ConfigError(
+            "model.freeze_backbone needs model.pretrained, the checkpoint whose backbone to keep"
+        )
     run = build(cfg, device)
     run.val_sets = [load_bin(path) for path in run.val_paths]
     rank0 = get_rank() == 0
@@ -574,7 +736,7 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
             log.line(note)
         log.line(
             f"{cfg.model.backbone} + {cfg.head.name}: {run.dataset.num_images} images, "
-            f"{run.classifier.num_classes} classes, {get_world_size()} processes, global batch "
+            f"{run.num_classes} classes, {get_world_size()} processes, global batch "
             f"{run.sampler.global_batch}, {run.sampler.steps_per_epoch} steps/epoch, {run.total_steps} steps"
         )
         limit = min(run.total_steps, cfg.train.max_steps or run.total_steps)
@@ -606,9 +768,12 @@ def dry_run(cfg: Config, steps: int = 2) -> dict[str, object]:
         "backbone": cfg.model.backbone,
         "parameters_M": round(sum(p.numel() for p in run.backbone.parameters()) / 1e6, 3),
         "head": cfg.head.name,
-        "head_parameters_M": round(run.classifier.head.weight.numel() / 1e6, 3),
+        "head_parameters_M": round(run.classifier.head.weight.numel() / 1e6, 3) if run.classifier else 0.0,
+        "trainable_parameters_M": round(
+            sum(q.numel() for group in run.optimizer.param_groups for q in group["params"]) / 1e6, 3
+        ),
         "embedding": list(embedding.shape),
-        "classes": run.classifier.num_classes,
+        "classes": run.num_classes,
         "images": run.dataset.num_images,
         "global_batch": run.sampler.global_batch,
         "steps_per_epoch": run.sampler.steps_per_epoch,

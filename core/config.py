@@ -92,6 +92,11 @@ class DataConfig:
     num_classes: int | None = None
     num_images: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Batch order: ``random`` (every image once per epoch, shuffled) or ``pk`` (SPEC §3.10: every micro-batch
+    # holds batch_size / pk_k identities x pk_k images, each identity once per epoch, its images repeated
+    # when it has fewer than pk_k).
+    sampler: Literal["random", "pk"] = "random"
+    pk_k: int = 4
     # Verification .bin sets evaluated during training, looked up in val_root.
     val_root: str = ""
     val_targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])
@@ -109,6 +114,13 @@ class ModelConfig:
     # Side of the network's input; empty = data.image_size. Faces are stored and augmented at
     # data.image_size and resized to this on the device (a smaller input trains faster on CPUs).
     input_size: int | None = None
+    # Initial backbone weights from a checkpoint of this framework (same arch, embedding size, input size
+    # and colour); empty: random initialisation.
+    pretrained: str = ""
+    # Keep the backbone as loaded (no gradient, BN and dropout in inference mode), e.g. for ProbFace.
+    freeze_backbone: bool = False
+    # ProbFace uncertainty module on the backbone's last feature map (SPEC §3.11): none | scalar | per_dim.
+    uncertainty: Literal["none", "scalar", "per_dim"] = "none"
     # DDP: static graph (a fixed set of used parameters), gradient bucket size, fp16 gradient all-reduce.
     ddp_static_graph: bool = True
     ddp_bucket_mb: int = 25
@@ -118,7 +130,8 @@ class ModelConfig:
 @dataclass
 class HeadConfig:
     """Margin head by registry name. ``params`` go to its constructor (checked against its signature when
-    the head is built), so a head's own defaults apply: CosFace m 0.4, ArcFace m 0.5, AdaFace m 0.4, ..."""
+    the head is built), so a head's own defaults apply: CosFace m 0.4, ArcFace m 0.5, AdaFace m 0.4, ...
+    ``none``: no classifier; the loss is computed on the embeddings (``triplet``, ``probface``)."""
 
     name: str = "arcface"
     params: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +141,8 @@ class HeadConfig:
 
 @dataclass
 class LossConfig:
-    """Loss on the per-sample cross-entropy of the head's logits (cross_entropy, focal, frabsm_weight).
+    """Loss on the per-sample cross-entropy of the head's logits (cross_entropy, focal, frabsm_weight), or
+    with ``head.name: none`` on the embeddings (triplet: ``params`` margin, mining; probface).
     ``params`` go to its constructor; ``class_weights: inverse_log_frequency`` weights classes by
     1 / log(1 + images of the class), computed from the data."""
 

@@ -1,0 +1,482 @@
+"""ProbFace: the uncertainty module, its loss, fusion and risk-controlled verification against direct
+computations; training through train.py on a frozen backbone; and, on real faces, sigma^2 rising for
+blurred and down-sampled copies of faces after a short training on a pretrained MobileFaceNet."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from backbones import build_backbone
+from core.checkpoint import CheckpointError, load_checkpoint
+from core.config import load_config
+from core.embedders import load_embedder
+from data.decode import decode_rgb
+from data.verification import load_bin
+from mining import PKSampler
+from probface import fusion, plot, risk
+from probface.embedder import extract_uncertain, load_probface
+from probface.loss import ProbFaceLoss, attention_distances
+from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size
+from tests.synthetic_faces import write_identity_folder, write_pairs_bin
+from validation_ijb.protocol import template_features
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBFACE = str(ROOT / "configs" / "recipes" / "probface.yaml")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks on one thread: a busy machine's spinning threads cost several times the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------- module
+
+
+def test_uncertainty_module_shapes_initial_affine_and_formula():
+    torch.manual_seed(0)
+    scalar, per_dim = UncertaintyModule(40, "scalar"), UncertaintyModule(40, "per_dim", embedding_size=6)
+    assert (scalar.gamma.item(), scalar.beta.item()) == pytest.approx((0.1, -1.0))
+    assert (per_dim.gamma.item(), per_dim.beta.item()) == pytest.approx((0.1, -7.0))
+    assert not per_dim.bn2.affine and per_dim.fc1.bias is None and per_dim.fc2.bias is None
+    x = torch.randn(10, 40, dtype=torch.float64)
+    for module, outputs in ((scalar, 1), (per_dim, 6)):
+        module = module.double()
+        with torch.no_grad():  # random running statistics and affine, then the formula by hand (eval mode)
+            for bn in (module.bn1, module.bn2):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+            module.bn1.weight.uniform_(0.5, 2)
+            module.gamma.fill_(0.7)
+        module.eval()
+        out = module(x)
+        assert out.shape == (10, outputs)
+
+        def bn(v, layer):
+            v = (v - layer.running_mean) / torch.sqrt(layer.running_var + layer.eps)
+            return v * layer.weight + layer.bias if layer.affine else v
+
+        h = torch.relu(bn(x @ module.fc1.weight.T, module.bn1))
+        z = bn(h @ module.fc2.weight.T, module.bn2)
+        expected = torch.log(1e-6 + torch.exp(module.gamma * z + module.beta))
+        torch.testing.assert_close(out, expected)
+        huge = module(x * 1e4)  # log(1e-6 + exp(a)) stays finite where exp(a) overflows
+        assert torch.isfinite(huge).all() and (huge >= math.log(1e-6) - 1e-6).all()
+    with pytest.raises(ValueError, match="uncertainty kind must be one of scalar, per_dim"):
+        UncertaintyModule(40, "vector")
+
+
+@pytest.mark.parametrize("arch", ["mbf", "r18"])
+def test_backbones_return_their_last_map_with_the_embedding(arch):
+    torch.manual_seed(0)
+    model = build_backbone(arch, embedding_size=8, input_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        embedding, conv_final = model(x, return_features=True)
+        torch.testing.assert_close(embedding, model(x))
+        torch.testing.assert_close(conv_final, torch.flatten(model.forward_features(x), 1).float())
+    assert conv_final.shape == (2, 512 * 2 * 2) == (2, conv_final_size(model, 32))
+
+
+def test_a_backbone_without_its_feature_map_is_refused():
+    class Plain(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match=r"does not return its last feature map"):
+        ProbFaceNet(Plain(), UncertaintyModule(4))
+
+
+def direct_semi_hard(a: np.ndarray, labels: np.ndarray, margin: float) -> float:
+    losses = []
+    n = len(labels)
+    for i in range(n):
+        for p in range(n):
+            if p == i or labels[p] != labels[i]:
+                continue
+            negatives = [a[i, k] for k in range(n) if labels[k] != labels[i]]
+            farther = [d for d in negatives if d > a[i, p]]
+            chosen = min(farther) if farther else max(negatives)
+            losses.append(max(0.0, a[i, p] - chosen + margin))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("kind", ["scalar", "per_dim"])
+def test_probface_loss_against_a_direct_computation(kind):
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(4), 3)
+    emb = rng.normal(size=(12, 5))
+    log_s2 = rng.normal(-1, 0.5, size=(12, 1 if kind == "scalar" else 5))
+    loss = ProbFaceLoss(constraint_weight=0.01, triplet_weight=0.1)
+    total = loss((torch.from_numpy(emb), torch.from_numpy(log_s2)), torch.from_numpy(labels))
+
+    mu = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    s2 = np.exp(log_s2)
+    mls, a = [], np.zeros((12, 12))
+    for i in range(12):
+        for j in range(12):
+            t = s2[i] + s2[j]
+            a[i, j] = np.sum((mu[i] - mu[j]) ** 2 / t)  # scalar: 2 (1 - cos) / (s_i + s_j)
+            if i != j and labels[i] == labels[j]:
+                if kind == "scalar":
+                    mls.append(2 * (1 - mu[i] @ mu[j]) / t[0] + np.log(t[0]))
+                else:
+                    mls.append(np.mean((mu[i] - mu[j]) ** 2 / t + np.log(t)))
+    constraint = np.sum((s2 / s2.mean() - 1) ** 2)
+    triplet = direct_semi_hard(a, labels, 3.0)
+    assert float(total) == pytest.approx(np.mean(mls) + 0.01 * constraint + 0.1 * triplet, rel=1e-9)
+    assert loss.last_stats["triplet"] == pytest.approx(triplet)
+
+    # the per-dimension attention distance with equal variances in every dimension is the scalar one
+    s = torch.from_numpy(s2[:, :1])
+    torch.testing.assert_close(
+        attention_distances(torch.from_numpy(mu), s.expand(12, 5)),
+        attention_distances(torch.from_numpy(mu), s),
+    )
+
+
+def test_only_the_uncertainty_learns_from_the_mls_term():
+    emb = torch.randn(8, 4, requires_grad=True)
+    log_s2 = torch.zeros(8, 1, requires_grad=True)
+    ProbFaceLoss(triplet_weight=0.0)((emb, log_s2), torch.arange(4).repeat_interleave(2)).backward()
+    assert emb.grad is None or not emb.grad.any()  # mu is detached in L_MLS
+    assert log_s2.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- fusion
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
+def test_fusion_against_a_direct_computation(temperature):
+    rng = np.random.default_rng(2)
+    mu = rng.normal(size=(5, 8))
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    for s2 in (rng.uniform(0.1, 2, size=(5, 1)), rng.uniform(0.1, 2, size=(5, 8))):
+        w = (1 / s2) ** (1 / temperature)
+        w /= w.sum(0)
+        expected_mu = (w * mu).sum(0)
+        expected_mu /= np.linalg.norm(expected_mu)
+        got_mu, got_s2 = fusion.fuse(mu, s2, temperature)
+        np.testing.assert_allclose(got_mu, expected_mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_s2, (w * s2).sum(0), rtol=1e-5)
+    one_mu, one_s2 = fusion.fuse(mu[:1], s2[:1])  # a template of one image is that image
+    np.testing.assert_allclose(one_mu, mu[0], rtol=1e-5)
+    np.testing.assert_allclose(one_s2, s2[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="positive, finite variances"):
+        fusion.fuse(mu, np.zeros((5, 1)))
+
+
+def test_template_fusion_and_the_ijb_pooling_weights_agree():
+    rng = np.random.default_rng(3)
+    mu = rng.normal(size=(30, 6)).astype(np.float32)
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    s2 = rng.uniform(0.05, 1.5, size=(30, 1))
+    templates = rng.integers(0, 7, size=30) * 10
+    ids, fused_mu, fused_s2 = fusion.fuse_templates(mu, s2, templates, temperature=0.7)
+    assert ids.tolist() == sorted(set(templates.tolist()))
+    for t, i in enumerate(ids):
+        members = templates == i
+        expected = fusion.fuse(mu[members], s2[members], 0.7)
+        np.testing.assert_allclose(fused_mu[t], expected[0], rtol=1e-6)
+        np.testing.assert_allclose(fused_s2[t], expected[1], rtol=1e-6)
+    # validation_ijb pools unit features weighted per image; one image per media gives the fused mu
+    weights = fusion.image_weights(s2, temperature=0.7)
+    assert weights.max() == pytest.approx(1.0)
+    pooled_ids, pooled = template_features(mu, templates, np.arange(30), weights)
+    assert pooled_ids.tolist() == ids.tolist()
+    np.testing.assert_allclose(pooled, fused_mu, rtol=1e-5, atol=1e-6)
+
+
+def test_pair_scores_closed_form():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    sa, sb = rng.uniform(0.1, 1, size=(6, 1)), rng.uniform(0.1, 1, size=(6, 1))
+    ua, ub = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    cos = np.sum(ua * ub, axis=1)
+    np.testing.assert_allclose(fusion.cosine_scores(a, b), cos, rtol=1e-9)
+    t = (sa + sb)[:, 0]
+    np.testing.assert_allclose(fusion.mls_scores(a, sa, b, sb), -(2 * (1 - cos) / t + np.log(t)), rtol=1e-9)
+
+
+# -------------------------------------------------------------------------------------- risk control
+
+
+def direct_ten_fold(dist: np.ndarray, same: np.ndarray, thresholds) -> float:
+    """Contiguous folds (sklearn KFold without shuffling), threshold by brute force on the other folds."""
+    n = len(same)
+    sizes = [n // 10 + (1 if k < n % 10 else 0) for k in range(10)]
+    start, accuracies = 0, []
+    for size in sizes:
+        test = np.zeros(n, dtype=bool)
+        test[start : start + size] = True
+        start += size
+        candidates = thresholds(dist[~test])
+        train_acc = [np.mean((dist[~test] < t) == same[~test]) for t in candidates]
+        best = candidates[int(np.argmax(train_acc))]
+        accuracies.append(np.mean((dist[test] < best) == same[test]))
+    return float(np.mean(accuracies))
+
+
+def test_risk_controlled_accuracy_against_a_direct_reimplementation():
+    rng = np.random.default_rng(5)
+    pairs, d = 240, 16
+    sigma = rng.uniform(0.05, 1.0, size=(2 * pairs, 1))
+    same = np.arange(pairs) % 2 == 0
+    first = rng.normal(size=(pairs, d))
+    second = np.where(same[:, None], first, rng.normal(size=(pairs, d)))
+    mu = np.empty((2 * pairs, d))
+    mu[0::2] = first + rng.normal(size=(pairs, d)) * sigma[0::2]  # noise grows with sigma
+    mu[1::2] = second + rng.normal(size=(pairs, d)) * sigma[1::2]
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    s2 = sigma**2
+    rows = risk.risk_controlled(mu, s2, same, (0.0, 0.1, 0.2, 0.3), "max")
+    u = np.maximum(s2[0::2, 0], s2[1::2, 0])
+    grid = lambda _: np.arange(0, 4, 0.01)  # noqa: E731 - the .bin protocol's thresholds
+    for row in rows:
+        keep = u <= np.percentile(u, 100 * (1 - row["risk"]))
+        assert row["pairs"] == keep.sum()
+        a, b = mu[0::2][keep], mu[1::2][keep]
+        cosine = direct_ten_fold(np.sum((a - b) ** 2, axis=1), same[keep], grid)
+        t = s2[0::2, 0][keep] + s2[1::2, 0][keep]
+        mls = -(2 * (1 - np.sum(a * b, axis=1)) / t + np.log(t))
+
+        def midpoints(train_dist):
+            v = np.unique(train_dist)
+            return np.concatenate([[v[0] - 1], (v[:-1] + v[1:]) / 2, [v[-1] + 1]])
+
+        assert row["cosine_accuracy"] == pytest.approx(cosine)
+        assert row["mls_accuracy"] == pytest.approx(direct_ten_fold(-mls, same[keep], midpoints))
+    assert [r["pairs"] for r in rows] == [240, 216, 192, 168]
+    assert rows[-1]["cosine_accuracy"] > rows[0]["cosine_accuracy"]  # refusing uncertain pairs helps
+    np.testing.assert_array_equal(risk.pair_uncertainty(s2, "sum"), s2[0::2, 0] + s2[1::2, 0])
+    assert risk.sigma2_percentiles(s2)["p50"] == pytest.approx(np.median(s2))
+
+
+# ------------------------------------------------------------------------------- training, train.py
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("probface")
+    return {
+        "train": write_identity_folder(root / "train", identities=12, per_identity=8, seed=5),
+        "val": write_pairs_bin(root / "val" / "lfw.bin", pairs=40).parent,
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def pretrained(faces) -> Path:
+    """A recognition checkpoint of this framework: 2 ArcFace steps of MobileFaceNet (32-d, 32x32)."""
+    out = faces["root"] / "arcface"
+    settings = [f"data.root={faces['train']}", f"output_dir={out}", "data.image_size=32"]
+    settings += ["data.batch_size=16", "data.num_workers=0", "model.embedding_size=32", "train.max_steps=2"]
+    assert train.main(["--config", str(ROOT / "configs" / "cpu_tiny.yaml"), "--set", *settings]) == 0
+    return out / "last.pt"
+
+
+def probface_settings(faces: dict[str, Path], out: Path, pretrained: Path, *extra: str) -> list[str]:
+    return [
+        f"data.root={faces['train']}", f"output_dir={out}", "data.image_size=32", "data.num_workers=0",
+        "model.backbone=mbf", "model.embedding_size=32", "model.input_size=32", "data.batch_size=16",
+        f"model.pretrained={pretrained}", "train.epochs=4", "train.max_steps=0", "train.log_every=1",
+        "data.val_root=", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def probface_run(faces, pretrained) -> Path:
+    """12 ProbFace steps through train.py on the frozen pretrained backbone, a checkpoint at step 8."""
+    out = faces["root"] / "probface"
+    settings = probface_settings(
+        faces, out, pretrained, f"data.val_root={faces['val']}", "train.save_every=8"
+    )
+    assert train.main(["--config", PROBFACE, "--set", *settings]) == 0
+    return out
+
+
+def test_probface_trains_only_the_uncertainty_on_the_frozen_backbone(
+    faces, pretrained, probface_run, tmp_path
+):
+    out, resumed = probface_run, tmp_path / "resumed"
+    state, start = load_checkpoint(out / "last.pt"), load_checkpoint(pretrained)
+    assert state["step"] == 12 and state["meta"]["uncertainty"] == "scalar" and state["head"] == {}
+    assert state["backbone"].keys() == start["backbone"].keys()
+    for key, value in start["backbone"].items():  # weights and BN statistics, bit for bit
+        assert torch.equal(state["backbone"][key], value), key
+    assert float(state["uncertainty"]["gamma"]) != pytest.approx(0.1)
+    trained = [i for group in state["optimizer"]["param_groups"] for i in group["params"]]
+    assert len(trained) == len(state["optimizer"]["state"]) == 6  # fc1, bn1 (2), fc2, gamma, beta only
+    log = (out / "train.log").read_text()
+    mls = [float(line.split(" mls ")[1].split()[0]) for line in log.splitlines() if " mls " in line]
+    assert len(mls) == 12 and mls[-1] < mls[0]
+
+    # the embedder gives the backbone's unit mu and a positive sigma^2; resume equals no interruption
+    embedder, plain = load_probface(out / "last.pt"), load_embedder(out / "last.pt")
+    images = torch.from_numpy(load_bin(faces["val"] / "lfw.bin").images[:6])
+    mu, sigma2 = embedder(images)
+    torch.testing.assert_close(mu, F.normalize(plain(images), dim=1))
+    assert sigma2.shape == (6, 1) and (sigma2 > 0).all()
+    again = probface_settings(faces, resumed, pretrained, "train.save_every=0")
+    assert train.main(["--config", PROBFACE, "--set", *again, "--resume", str(out / "step_8.pt")]) == 0
+    for key, value in state["uncertainty"].items():
+        assert torch.equal(load_checkpoint(resumed / "last.pt")["uncertainty"][key], value), key
+
+
+def test_risk_and_plot_commands_on_a_probface_checkpoint(faces, pretrained, probface_run, tmp_path, capsys):
+    out = probface_run
+    bin_path = faces["val"] / "lfw.bin"
+    assert (
+        risk.main(
+            ["--model", str(out / "last.pt"), "--bin", str(bin_path), "--json", str(tmp_path / "r.json")]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "sigma^2 percentiles: p0" in printed and "cosine acc" in printed
+    result = json.loads((tmp_path / "r.json").read_text())
+    kept = [row["pairs"] for row in result["lfw"]["rows"]]
+    assert kept[0] == 40 and kept == sorted(kept, reverse=True) and kept[-1] < 40
+    # the numbers are those of the library function on the same features
+    val = load_bin(bin_path)
+    mu, sigma2 = extract_uncertain(load_probface(out / "last.pt"), val.images)
+    assert result["lfw"]["rows"] == risk.risk_controlled(mu, sigma2, val.issame)
+
+    png = tmp_path / "faces.png"
+    assert (
+        plot.main(
+            ["--model", str(out / "last.pt"), "--bin", str(bin_path), "--count", "4", "--out", str(png)]
+        )
+        == 0
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    faces_with_repeats = val.images[[0, 1, 0, 2, 1]]  # a .bin repeats faces across its pairs
+    np.testing.assert_array_equal(plot.distinct(faces_with_repeats), val.images[:3])
+    assert risk.main(["--model", str(pretrained), "--bin", str(bin_path)]) == 2
+    assert "holds no uncertainty module" in capsys.readouterr().err
+
+
+def test_a_frozen_backbone_needs_a_matching_pretrained_checkpoint(faces, pretrained, tmp_path, capsys):
+    settings = probface_settings(faces, tmp_path / "a", pretrained)
+    assert train.main(["--config", PROBFACE, "--set", *settings, "model.pretrained="]) == 2
+    assert "model.freeze_backbone needs model.pretrained" in capsys.readouterr().err
+    cfg = load_config(
+        PROBFACE, probface_settings(faces, tmp_path / "b", pretrained, "model.embedding_size=16")
+    )
+    with pytest.raises(CheckpointError, match=r"trained with embedding_size 32 \(this run: 16\)"):
+        train.fit(cfg)
+
+
+# ---------------------------------------------------------------------------------- real faces
+
+
+def mobilefacenet_features(shared_data: Path):
+    """The real MobileFaceNet ONNX as a frozen backbone: (embedding, flattened last conv map) of uint8
+    RGB faces (N, 112, 112, 3); the map is the output of its last PReLU (512 x 7 x 7, before the GDC)."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime
+
+    model = onnx.load(str(shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"))
+    last_map = [node for node in model.graph.node if node.op_type == "PRelu"][-1].output[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(last_map, onnx.TensorProto.FLOAT, None))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
+
+    def run(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images[..., ::-1].astype(np.float32) - 127.5) / 127.5  # BGR, as the model was trained
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        parts = [session.run(None, {"x": x[i : i + 32]}) for i in range(0, len(x), 32)]
+        embedding = np.concatenate([p[0] for p in parts])
+        conv_final = np.concatenate([p[1].reshape(len(p[1]), -1) for p in parts])
+        return torch.from_numpy(embedding), torch.from_numpy(conv_final)
+
+    return run
+
+
+def low_resolution(image: np.ndarray, side: int) -> np.ndarray:
+    small = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, image.shape[:2][::-1], interpolation=cv2.INTER_LINEAR)
+
+
+def test_sigma2_rises_for_degraded_faces(shared_data):
+    """The uncertainty module learns, from the MLS loss alone, that faces the frozen network embeds
+    unreliably are uncertain: trained for 24 steps on 16 CelebA identities (half of the crops down-sampled
+    to 14-40 px and back), it gives 16 other people's faces a larger sigma^2 when Gaussian-blurred or
+    down-sampled to 20 px than when clean, which the untrained module does not."""
+    folders = sorted(p for p in (shared_data / "celeba_aligned112").iterdir() if p.is_dir())
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for label, folder in enumerate(folders[:16]):
+        for path in sorted(folder.glob("*.jpg"))[:6]:
+            image = decode_rgb(path.read_bytes(), str(path))
+            images.append(low_resolution(image, int(rng.integers(14, 41))) if rng.random() < 0.5 else image)
+            labels.append(label)
+    clean = np.stack([decode_rgb(sorted(f.glob("*.jpg"))[0].read_bytes()) for f in folders[-16:]])
+    blurred = np.stack([cv2.GaussianBlur(image, (0, 0), 3.0) for image in clean])
+    small = np.stack([low_resolution(image, 20) for image in clean])
+
+    features = mobilefacenet_features(shared_data)
+    embedding, conv_final = features(np.stack(images))
+    _, test_maps = features(np.concatenate([clean, blurred, small]))
+    torch.manual_seed(0)
+    module = UncertaintyModule(conv_final.shape[1], "scalar")
+    loss_fn = ProbFaceLoss()  # MLS + output constraint + attention triplet, ProbFace's weights
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    labels_t = torch.tensor(labels)
+    positions = {c: np.flatnonzero(np.array(labels) == c) for c in range(16)}
+
+    def test_sigma2() -> torch.Tensor:
+        module.eval()
+        with torch.no_grad():
+            return module(test_maps).exp().view(3, 16)
+
+    before = test_sigma2()
+    sampler, step = PKSampler(positions, p=8, k=4, seed=0, rank=0, world_size=1), 0
+    while step < 24:
+        sampler.set_epoch(step)
+        for batch in sampler:
+            module.train()
+            loss = loss_fn((embedding[batch], module(conv_final[batch])), labels_t[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+    after = test_sigma2()
+    for degraded in (1, 2):
+        assert (after[degraded] > after[0]).float().mean() >= 0.9, after
+        assert after[degraded].median() > 1.2 * after[0].median(), after
+        assert (before[degraded] > before[0]).float().mean() < 0.75, before
+
+
+@pytest.mark.slow  # detection and alignment of an LFW-built IJB tree: about 4 s of CPU
+def test_ijb_pooling_weights_from_a_probface_checkpoint(shared_data, probface_run, tmp_path, capsys):
+    """probface.ijb writes one weight per face of face_tid_mid, (1/sigma^2) of the aligned face, which
+    validation_ijb.evaluate takes as --weights (an LFW-built IJB-C tree of 4 people)."""
+    from probface import ijb
+    from validation_ijb import evaluate, lfw_ijb
+    from validation_ijb.meta import load_ijb
+
+    tree = lfw_ijb.build(tmp_path / "ijb", shared_data / "lfw_color150", identities=4)
+    model, weights, sigma2 = probface_run / "last.pt", tmp_path / "w.npy", tmp_path / "s2.npy"
+    argv = ["--model", str(model), "--ijb-root", str(tree.root), "--out", str(weights), "--workers", "0"]
+    assert ijb.main([*argv, "--sigma2", str(sigma2)]) == 0
+    w, s2 = np.load(weights), np.load(sigma2)
+    meta = load_ijb(tree.root, "ijbc")
+    assert w.shape == (len(meta.names),) and s2.shape == (len(meta.names), 1)
+    np.testing.assert_allclose(w, s2[:, 0].min() / s2[:, 0], rtol=1e-5)
+    argv = ["--model", str(model), "--ijb-root", str(tree.root), "--workers", "0", "--modes", "N0D0F1"]
+    assert evaluate.main([*argv, "--weights", str(weights)]) == 0
+    assert "N0D0F1" in capsys.readouterr().out
