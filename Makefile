@@ -32,7 +32,8 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 demo: setup
-	FACEREC_DATA=$(DATA) $(PY) -m scripts.demo --data $(DATA) --out $(DEMO_DIR)
+	FACEREC_DATA=$(DATA) $(PY) -m scripts.demo --data $(DATA) --out $(DEMO_DIR) \
+		$(if $(CELEBA),--celeba $(CELEBA)) $(if $(LFW),--lfw $(LFW)) $(if $(PAIRS),--lfw-pairs $(PAIRS))
 
 bench: setup
 	$(PY) -m scripts.bench_data

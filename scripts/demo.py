@@ -32,6 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=shared_data_dir(), help="real face data folder")
+    parser.add_argument(
+        "--celeba", type=Path, help="aligned CelebA crops <id>/<img> (default: DATA/celeba_aligned112)"
+    )
+    parser.add_argument(
+        "--lfw",
+        type=Path,
+        help="the LFW photos, flat <Name>_<NNNN>.jpg or <Name>/<Name>_<NNNN>.jpg "
+        "(default: DATA/lfw_color150)",
+    )
+    parser.add_argument("--lfw-pairs", type=Path, help="LFW's pairs.txt (default: DATA/lfw_pairs.txt)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "work_dirs" / "demo")
     parser.add_argument("--config", type=Path, default=PROJECT_ROOT / "configs" / "demo_cpu.yaml")
     parser.add_argument("--set", nargs="*", action="extend", default=[], help="more train.py overrides")
@@ -53,13 +63,15 @@ def prepare_training_rec(celeba: Path, out: Path) -> Path:
 
 
 def prepare_validation(photos: Path, pairs: Path, out: Path) -> Path:
-    """``out/lfw.bin`` (the name train.py's ``data.val_targets`` looks for) from the raw LFW photos."""
+    """``out/lfw.bin`` (the name train.py's ``data.val_targets`` looks for) from the raw LFW photos: a flat
+    folder of ``<Name>_<NNNN>.jpg`` or LFW's own ``<Name>/<Name>_<NNNN>.jpg`` tree."""
     target = out / "lfw.bin"
     if target.is_file():
         print(f"[2/5] reusing {target}")
         return out
     print(f"[2/5] detecting and aligning {photos} -> {target}")
-    args = [str(photos), str(out), "--flat", "--pairs", str(pairs), "--bin", "lfw.bin"]
+    flat = ["--flat"] if any(photos.glob("*.jpg")) else []
+    args = [str(photos), str(out), *flat, "--pairs", str(pairs), "--bin", "lfw.bin"]
     if prepare_dataset.main(args) != 0:
         raise SystemExit(f"demo: could not build {target} from {photos}")
     return out
@@ -67,18 +79,16 @@ def prepare_validation(photos: Path, pairs: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    celeba, lfw_photos, lfw_pairs = (
-        args.data / "celeba_aligned112",
-        args.data / "lfw_color150",
-        args.data / "lfw_pairs.txt",
-    )
+    celeba = args.celeba or args.data / "celeba_aligned112"
+    lfw_photos = args.lfw or args.data / "lfw_color150"
+    lfw_pairs = args.lfw_pairs or args.data / "lfw_pairs.txt"
     for needed in (celeba, lfw_photos, lfw_pairs):
         if not needed.exists():
             print(
                 f"demo: {needed} not found. Point DATA= (make demo DATA=/path) or --data at a folder "
                 "laid out like ../shared/data: celeba_aligned112/<identity>/<img>.jpg (CelebA, aligned "
                 "112x112), lfw_color150/<Name>_<NNNN>.jpg (the LFW photos) and lfw_pairs.txt (LFW's "
-                "pairs.txt).",
+                "pairs.txt), or name each: CELEBA=, LFW=, PAIRS= (--celeba, --lfw, --lfw-pairs).",
                 file=sys.stderr,
             )
             return 1
