@@ -461,7 +461,6 @@ def test_sigma2_rises_for_degraded_faces(shared_data):
         assert (before[degraded] > before[0]).float().mean() < 0.75, before
 
 
-@pytest.mark.slow  # detection and alignment of an LFW-built IJB tree: about 4 s of CPU
 def test_ijb_pooling_weights_from_a_probface_checkpoint(shared_data, probface_run, tmp_path, capsys):
     """probface.ijb writes one weight per face of face_tid_mid, (1/sigma^2) of the aligned face, which
     validation_ijb.evaluate takes as --weights (an LFW-built IJB-C tree of 4 people)."""
