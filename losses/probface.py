@@ -33,7 +33,8 @@ def pairwise_mls(mu: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
 def mls_loss(mu: torch.Tensor, sigma2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean of -s(i, j) over genuine pairs i != j; mu is detached (only the uncertainty learns)."""
     scores = pairwise_mls(F.normalize(mu.detach(), dim=1), sigma2)
-    genuine = (labels.unsqueeze(0) == labels.unsqueeze(1)) & ~torch.eye(len(labels), dtype=torch.bool)
+    diagonal = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    genuine = (labels.unsqueeze(0) == labels.unsqueeze(1)) & ~diagonal
     if not genuine.any():
         raise ValueError("mls_loss needs at least one pair of images of the same identity in the batch")
     return -scores[genuine].mean()

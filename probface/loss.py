@@ -57,8 +57,7 @@ class ProbFaceLoss(nn.Module):
         embedding, log_sigma2 = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in outputs)
         mu = F.normalize(embedding, dim=1)
         sigma2 = log_sigma2.exp()
-        # labels on the CPU: mls_loss builds its diagonal mask there (CPU masks index any device's tensors)
-        mls = mls_loss(mu, sigma2, labels.cpu())
+        mls = mls_loss(mu, sigma2, labels)
         constraint = output_constraint(sigma2, self.constraint)
         triplet = torch.zeros((), device=mu.device)
         if self.triplet_weight:

@@ -28,7 +28,7 @@ def faces(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_builds_and_steps(recipe, faces, capsys):
     config = ROOT / "configs" / "recipes" / f"{recipe}.yaml"
-    fmt = ("data.format=folder",)
+    fmt = ("data.format=folder", "data.pk_k=4")  # PK recipes: 2 identities x 4 images per batch of 8
     status = train.main(["--config", str(config), "--set", f"data.root={faces}", *SMALL, *fmt, "--dry-run"])
     out = capsys.readouterr()
     assert status == 0, out.err
