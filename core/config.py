@@ -202,7 +202,7 @@ class TrainConfig:
     log_every: int = 50  # steps between log lines / TensorBoard scalars
     val_every: int = 2000  # steps between validations (0: only at the end)
     val_batch_size: int = 256
-    save_every: int = 2000  # steps between checkpoints (a final one is always written)
+    save_every: int = 2000  # steps between checkpoints, 0: none (a final one is always written)
     keep_last: int = 3
     # Validation result that picks best.pt: a .bin name (``lfw``), or ``mean`` over val_targets.
     best_metric: str = "mean"
