@@ -33,7 +33,8 @@ test-fast: setup
 
 demo: setup
 	FACEREC_DATA=$(DATA) $(PY) -m scripts.demo --data $(DATA) --out $(DEMO_DIR) \
-		$(if $(CELEBA),--celeba $(CELEBA)) $(if $(LFW),--lfw $(LFW)) $(if $(PAIRS),--lfw-pairs $(PAIRS))
+		$(if $(CELEBA),--celeba $(CELEBA)) $(if $(LFW),--lfw $(LFW)) $(if $(PAIRS),--lfw-pairs $(PAIRS)) \
+		$(if $(CONFIG),--config $(CONFIG))
 
 bench: setup
 	$(PY) -m scripts.bench_data
