@@ -61,14 +61,14 @@ from core.registry import UnknownNameError
 from data import image_folder, recordio
 from data.builder import build_train_dataset
 from data.decode import DecodeError
-from data.sampler import GlobalBatchSampler, KeyedFaceDataset
+from data.sampler import GlobalBatchSampler, KeyedFaceDataset, PKBatchSampler
 from data.transforms import FaceDataset, normalize_batch
 from data.verification import VerificationFileError, VerificationSet, load_bin
 from heads.partial_fc import PartialFC
 from heads.registry import HEADS
 from losses import LOSSES
 from losses.softmax_losses import inverse_log_frequency_weights
-from mining import DifficultyScores, PKSampler
+from mining import DifficultyScores
 from mining.closeness_diversity import ClosenessDiversityMiner, MinedTerms
 from probface.loss import ProbFaceLoss  # registers loss "probface"
 from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size, has_feature_output
@@ -191,47 +191,6 @@ def check_metric_settings(cfg: Config) -> None:
         raise ConfigError("model.uncertainty (ProbFace) trains with head.name: none and loss.name: probface")
     if cfg.model.freeze_backbone and cfg.model.uncertainty == "none":
         raise ConfigError("model.freeze_backbone leaves nothing to train without model.uncertainty")
-
-
-class PKBatchSampler(GlobalBatchSampler):
-    """The global-batch order of :class:`GlobalBatchSampler` made of PK groups (SPEC §3.10).
-
-    Global batch b holds ``batch_size / k x world_size x grad_accum`` identities with ``k`` images each
-    (``mining.PKSampler``: every identity once per epoch, images repeated when an identity has fewer than k),
-    laid out so that every micro-batch holds whole groups: each rank's micro-batch is a PK batch of
-    ``batch_size / k`` identities and its triplets are mined within it. So 2 processes see exactly what 1
-    process sees with 2 accumulated micro-batches, and a run resumes mid-epoch as with the random order.
-    """
-
-    def __init__(
-        self,
-        positions: dict[int, np.ndarray],
-        batch_size: int,
-        k: int,
-        world_size: int = 1,
-        rank: int = 0,
-        grad_accum: int = 1,
-        seed: int = 0,
-    ) -> None:
-        if k < 1 or batch_size % k or batch_size // k < 2:
-            raise ConfigError(
-                f"data.batch_size {batch_size} must be a multiple of data.pk_k {k} holding at least 2 "
-                "identities per micro-batch"
-            )
-        identities = batch_size // k * world_size * grad_accum
-        if len(positions) < identities:
-            raise ConfigError(
-                f"data.sampler pk: a global batch holds {identities} identities ({batch_size // k} per "
-                f"micro-batch x {world_size} processes x {grad_accum} accumulated), the data has "
-                f"{len(positions)}"
-            )
-        self.pk = PKSampler(positions, p=identities, k=k, seed=seed, rank=0, world_size=1)
-        global_batch = batch_size * world_size * grad_accum
-        super().__init__(len(self.pk) * global_batch, batch_size, world_size, rank, grad_accum, seed)
-
-    def order(self, epoch: int) -> np.ndarray:
-        self.pk.set_epoch(epoch)
-        return np.concatenate(list(self.pk))
 
 
 def build_sampler(cfg: Config, faces: FaceDataset, world: int, rank: int) -> GlobalBatchSampler:

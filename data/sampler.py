@@ -7,7 +7,8 @@ into chunks of ``batch_size``; rank r's micro-batch a is chunk ``r * grad_accum 
 
 Every image's augmentation is drawn from its own generator seeded by ``(seed, epoch, index)``: which
 rank or DataLoader worker decodes it does not matter, and a resumed run draws what an uninterrupted one
-would have drawn. Resuming needs only ``(epoch, step_in_epoch)``.
+would have drawn. Resuming needs only ``(epoch, step_in_epoch)``. :class:`PKBatchSampler` is the same
+order made of P identities x K images groups for metric learning (``data.sampler: pk``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.data import Sampler
 
 from core.config import ConfigError
 from data.transforms import FaceDataset, describe
+from mining.pk_sampler import PKSampler
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -91,3 +93,44 @@ class KeyedFaceDataset(FaceDataset):
         rng = np.random.default_rng([self.seed, epoch, i])
         image = self.transform(buf, describe(self.source, i), rng=rng)
         return image, torch.tensor(label, dtype=torch.int64), i
+
+
+class PKBatchSampler(GlobalBatchSampler):
+    """The global-batch order of :class:`GlobalBatchSampler` made of PK groups (SPEC §3.10).
+
+    Global batch b holds ``batch_size / k x world_size x grad_accum`` identities with ``k`` images each
+    (``mining.PKSampler``: every identity once per epoch, images repeated when an identity has fewer than k),
+    laid out so that every micro-batch holds whole groups: each rank's micro-batch is a PK batch of
+    ``batch_size / k`` identities and its triplets are mined within it. So 2 processes see exactly what 1
+    process sees with 2 accumulated micro-batches, and a run resumes mid-epoch as with the random order.
+    """
+
+    def __init__(
+        self,
+        positions: dict[int, np.ndarray],
+        batch_size: int,
+        k: int,
+        world_size: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if k < 1 or batch_size % k or batch_size // k < 2:
+            raise ConfigError(
+                f"data.batch_size {batch_size} must be a multiple of data.pk_k {k} holding at least 2 "
+                "identities per micro-batch"
+            )
+        identities = batch_size // k * world_size * grad_accum
+        if len(positions) < identities:
+            raise ConfigError(
+                f"data.sampler pk: a global batch holds {identities} identities ({batch_size // k} per "
+                f"micro-batch x {world_size} processes x {grad_accum} accumulated), the data has "
+                f"{len(positions)}"
+            )
+        self.pk = PKSampler(positions, p=identities, k=k, seed=seed, rank=0, world_size=1)
+        global_batch = batch_size * world_size * grad_accum
+        super().__init__(len(self.pk) * global_batch, batch_size, world_size, rank, grad_accum, seed)
+
+    def order(self, epoch: int) -> np.ndarray:
+        self.pk.set_epoch(epoch)
+        return np.concatenate(list(self.pk))

@@ -16,6 +16,7 @@ import train
 from core.checkpoint import load_checkpoint
 from core.config import ConfigError, load_config
 from data.image_folder import ImageFolderFaces
+from data.sampler import PKBatchSampler
 from tests.synthetic_faces import write_identity_folder, write_pairs_bin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +67,8 @@ def test_pk_batches_hold_whole_identities_and_split_across_ranks(faces):
     labels = np.empty(96, dtype=np.int64)
     for c, p in positions.items():
         labels[p] = c
-    one = train.PKBatchSampler(positions, batch_size=8, k=4, grad_accum=2, seed=3)
-    ranks = [train.PKBatchSampler(positions, 8, 4, world_size=2, rank=r, seed=3) for r in (0, 1)]
+    one = PKBatchSampler(positions, batch_size=8, k=4, grad_accum=2, seed=3)
+    ranks = [PKBatchSampler(positions, 8, 4, world_size=2, rank=r, seed=3) for r in (0, 1)]
     assert one.global_batch == 16 and one.steps_per_epoch == 12 // 4 == ranks[0].steps_per_epoch
     for epoch in (0, 1):
         one.set_epoch(epoch)
@@ -100,7 +101,7 @@ def test_pk_batches_hold_whole_identities_and_split_across_ranks(faces):
 def test_bad_pk_geometry_is_refused(faces, batch, k, world, message):
     positions = ImageFolderFaces(faces["train"]).indices_per_identity()
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.PKBatchSampler(positions, batch, k, world_size=world)
+        PKBatchSampler(positions, batch, k, world_size=world)
 
 
 # -------------------------------------------------------------------------------------------- train
