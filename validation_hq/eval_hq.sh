@@ -12,8 +12,8 @@ fi
 model=$1
 bins=$2
 shift 2
-cd "$(dirname "$0")/.."
-python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
+source "$(dirname "$0")/../scripts/eval_launcher.sh"
+cd "$root"
 out=${OUT:-work_dirs/eval/$(basename "${model%.*}")_hq.json}
 mkdir -p "$(dirname "$out")"
 exec "$python" -m validation_hq.evaluate --model "$model" --bin-dir "$bins" --json "$out" "$@"

@@ -12,12 +12,12 @@ if [[ $# -lt 3 ]]; then
     exit 2
 fi
 model=$1
-root=$2
+ijb_root=$2
 dataset=$3
 shift 3
-cd "$(dirname "$0")/.."
-python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
+source "$(dirname "$0")/../scripts/eval_launcher.sh"
+cd "$root"
 out=${OUT:-work_dirs/eval/$(basename "${model%.*}")_${dataset}}
 cache=${CACHE:-work_dirs/eval/cache}
-exec "$python" -m validation_ijb.evaluate --model "$model" --ijb-root "$root" --dataset "$dataset" \
+exec "$python" -m validation_ijb.evaluate --model "$model" --ijb-root "$ijb_root" --dataset "$dataset" \
     --out "$out" --cache "$cache" "$@"

@@ -13,9 +13,7 @@ fi
 model=$1
 testpack=$2
 shift 2
-root=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-$([[ -x "$root/.venv/bin/python" ]] && echo "$root/.venv/bin/python" || echo python3)}
+source "$(dirname "$0")/../scripts/eval_launcher.sh"
 out=${OUT:-$root/work_dirs/eval/$(basename "${model%.*}")_megaface.json}
 mkdir -p "$(dirname "$out")"
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" -m validation_megaface.evaluate --model "$model" --root "$testpack" --json "$out" "$@"

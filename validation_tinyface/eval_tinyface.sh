@@ -13,10 +13,8 @@ fi
 model=$1
 data_root=$2
 shift 2
-root=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-$([[ -x "$root/.venv/bin/python" ]] && echo "$root/.venv/bin/python" || echo python3)}
+source "$(dirname "$0")/../scripts/eval_launcher.sh"
 out=${OUT:-$root/work_dirs/eval/$(basename "${model%.*}")_tinyface.json}
 mkdir -p "$(dirname "$out")"
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" -m validation_tinyface.validate_tinyface --model "$model" --data_root "$data_root" \
     --json "$out" "$@"
