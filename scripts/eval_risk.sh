@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# ProbFace risk-controlled verification (SPEC §5.6) of a ProbFace checkpoint on .bin sets: the sigma^2
-# percentiles and, for risk factors 0 / 0.1 / 0.2 / 0.3, the 10-fold cosine and MLS accuracy on the pairs
-# kept; the JSON goes to $OUT (default work_dirs/eval/<model file name>_risk.json).
+# ProbFace risk-controlled verification (docs/methods.md §5.6) of a ProbFace checkpoint on .bin sets: the
+# sigma^2 percentiles and, for risk factors 0 / 0.1 / 0.2 / 0.3, the 10-fold cosine and MLS accuracy on the
+# pairs kept; the JSON goes to OUT_JSON, the last file named when it ends in .json (default: $OUT, else
+# work_dirs/eval/<model file name>_risk.json in the repository).
 #
-#   bash scripts/eval_risk.sh CKPT BIN [BIN ...] [--pair-uncertainty sum] [--no-flip] [--risks 0 0.05 0.1]
+#   bash scripts/eval_risk.sh CKPT BIN [BIN ...] [OUT_JSON] [--pair-uncertainty sum] [--no-flip] [--risks 0 0.05 0.1]
 set -euo pipefail
-if [[ $# -lt 2 ]]; then
-    sed -n '2,6p' "$0" >&2
-    exit 2
-fi
+source "$(dirname "$0")/eval_launcher.sh"
+[[ $# -ge 2 ]] || launcher_usage
 model=$1
 shift
-bins=()
+files=()
 while [[ $# -gt 0 && $1 != -* ]]; do
-    bins+=("$1")
+    files+=("$1")
     shift
 done
-cd "$(dirname "$0")/.."
-python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
-out=${OUT:-work_dirs/eval/$(basename "${model%.*}")_risk.json}
+output=()
+if [[ ${#files[@]} -gt 1 && ${files[-1]} == *.json ]]; then
+    output=("${files[-1]}")
+    unset 'files[-1]'
+fi
+[[ ${#files[@]} -ge 1 && ${files[-1]} != *.json ]] || launcher_usage
+launcher_output "$model" risk.json ${output[@]+"${output[@]}"}
 mkdir -p "$(dirname "$out")"
-exec "$python" -m probface.risk --model "$model" --bin "${bins[@]}" --json "$out" "$@"
+exec "$python" -m probface.risk --model "$model" --bin "${files[@]}" --json "$out" "$@"

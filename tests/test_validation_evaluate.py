@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,37 @@ def test_eval_hq_script(shared_data, small_bin, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["lfw"]["pairs"] == 60
+
+
+def test_eval_hq_script_output_json_argument_then_out_then_default(tmp_path):
+    """OUT_JSON, a third argument that is not an option, wins over $OUT, which wins over
+    work_dirs/eval/<model>_hq.json in the repository; relative paths are the caller's (python replaced by
+    echo, so only the launcher's own work is checked; a copy of it stands in for the repository)."""
+    repo = tmp_path / "repo"
+    for rel in ("validation_hq/eval_hq.sh", "scripts/eval_launcher.sh"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(evaluate.__file__).resolve().parent.parent / rel, repo / rel)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"PYTHON": "echo"}
+
+    def launch(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(repo / "validation_hq/eval_hq.sh"), *args], cwd=caller,
+                              env=env | extra, capture_output=True, text=True, check=False)  # fmt: skip
+
+    head = ["-m", "validation_hq.evaluate", "--model", "m.onnx", "--bin-dir", "bins", "--json"]
+    proc = launch("m.onnx", "bins", "res/r.json", "--color", "bgr", OUT=str(tmp_path / "env.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [*head, "res/r.json", "--color", "bgr"]
+    assert (caller / "res").is_dir()
+    proc = launch("m.onnx", "bins", "--color", "bgr", OUT=str(tmp_path / "env" / "r.json"))
+    assert proc.stdout.split() == [*head, str(tmp_path / "env" / "r.json"), "--color", "bgr"]
+    assert (tmp_path / "env").is_dir()
+    printed = launch("m.onnx", "bins").stdout.split()
+    assert printed[:-1] == head
+    assert Path(printed[-1]).resolve() == (repo / "work_dirs/eval/m_hq.json").resolve()
+    usage = launch("m.onnx")
+    assert usage.returncode == 2 and "eval_hq.sh CKPT_OR_ONNX BIN_DIR [OUT_JSON]" in usage.stderr
 
 
 def test_cached_features_rescore_without_the_model(embed, small_bin, tmp_path):

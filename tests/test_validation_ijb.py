@@ -423,20 +423,28 @@ def test_cli_with_pretrained_mobilefacenet(shared_data, tmp_path, capsys):
 
 
 def test_eval_script_passes_its_arguments(tmp_path):
+    """OUT_DIR, a fourth argument that is not an option, wins over $OUT, which wins over
+    work_dirs/eval/<model>_<dataset> in the repository (python replaced by echo)."""
     env = {**os.environ, "PYTHON": "echo", "OUT": str(tmp_path / "o"), "CACHE": str(tmp_path / "c")}
-    script = ["bash", "validation_ijb/eval_ijb.sh"]
-    run = dict(cwd=PROJECT, env=env, capture_output=True, text=True, check=False)
+    script = ["bash", str(PROJECT / "validation_ijb/eval_ijb.sh")]
+    run = dict(cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     proc = subprocess.run([*script, "m.onnx", "/data/IJB_release", "ijbb", "--flip", "0"], **run)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [
         "-m", "validation_ijb.evaluate", "--model", "m.onnx", "--ijb-root", "/data/IJB_release",
         "--dataset", "ijbb", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--flip", "0",
     ]  # fmt: skip
+    proc = subprocess.run([*script, "m.onnx", "root", "ijbb", "runs/ijbb", "--flip", "0"], **run)
+    assert proc.returncode == 0, proc.stderr
+    assert "--dataset ijbb --out runs/ijbb --cache" in proc.stdout
+    assert proc.stdout.split()[-2:] == ["--flip", "0"]
     del env["OUT"], env["CACHE"]
-    proc = subprocess.run([*script, "ckpt/r50.pt", "root", "ijbc"], **run)
-    assert "--out work_dirs/eval/r50_ijbc --cache work_dirs/eval/cache" in proc.stdout
+    printed = subprocess.run([*script, "ckpt/r50.pt", "root", "ijbc"], **run).stdout.split()
+    out, cache = printed[printed.index("--out") + 1], printed[printed.index("--cache") + 1]
+    assert Path(out).resolve() == PROJECT / "work_dirs/eval/r50_ijbc"
+    assert Path(cache).resolve() == PROJECT / "work_dirs/eval/cache"
     usage = subprocess.run([*script, "m.onnx"], **run)
-    assert usage.returncode == 2 and "IJB_ROOT" in usage.stderr
+    assert usage.returncode == 2 and "CKPT_OR_ONNX IJB_ROOT ijbc|ijbb [OUT_DIR]" in usage.stderr
 
 
 def test_cli_errors_are_clear(tree, tmp_path, capsys):

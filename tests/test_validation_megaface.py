@@ -286,6 +286,35 @@ def test_shell_script_passes_its_arguments(tmp_path):
                                    "--json", str(tmp_path / "r.json"), "--backbone", "r50"]  # fmt: skip
 
 
+def test_shell_script_output_json_argument_then_out_then_default(tmp_path):
+    """OUT_JSON, a third argument that is not an option, wins over $OUT, which wins over
+    work_dirs/eval/<model>_megaface.json in the repository (here a copy of the launcher); too few
+    arguments print the usage."""
+    repo = tmp_path / "repo"
+    for rel in ("validation_megaface/eval_megaface.sh", "scripts/eval_launcher.sh"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, repo / rel)
+    env = {**os.environ, "PYTHON": "echo", "OUT": str(tmp_path / "env.json")}
+
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(repo / "validation_megaface/eval_megaface.sh"), *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, check=False)  # fmt: skip
+
+    head = ["-m", "validation_megaface.evaluate", "--model", "m.pt", "--root", "pack", "--json"]
+    proc = launch("m.pt", "pack", "res/mf.json", "--workers", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [*head, "res/mf.json", "--workers", "16"] and (tmp_path / "res").is_dir()
+    assert launch("m.pt", "pack", "--workers", "16").stdout.split() == [
+        *head, str(tmp_path / "env.json"), "--workers", "16"
+    ]  # fmt: skip
+    del env["OUT"]
+    printed = launch("m.pt", "pack").stdout.split()
+    assert printed[:-1] == head
+    assert Path(printed[-1]).resolve() == (repo / "work_dirs/eval/m_megaface.json").resolve()
+    usage = launch("m.pt")
+    assert usage.returncode == 2 and "CKPT_OR_ONNX TESTPACK_ROOT [OUT_JSON]" in usage.stderr
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

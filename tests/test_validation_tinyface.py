@@ -212,7 +212,33 @@ def test_shell_script_passes_its_arguments(tmp_path):
     assert (tmp_path / "out").is_dir()
     usage = subprocess.run(["bash", str(ROOT / "validation_tinyface/eval_tinyface.sh")],
                            capture_output=True, text=True, check=False)  # fmt: skip
-    assert usage.returncode == 2 and "CKPT_OR_ONNX DATA_ROOT" in usage.stderr
+    assert usage.returncode == 2 and "CKPT_OR_ONNX DATA_ROOT [OUT_JSON]" in usage.stderr
+
+
+def test_shell_script_output_json_argument_then_out_then_default(tmp_path):
+    """OUT_JSON, a third argument that is not an option, wins over $OUT, which wins over
+    work_dirs/eval/<model>_tinyface.json in the repository (here a copy of the launcher)."""
+    repo = tmp_path / "repo"
+    for rel in ("validation_tinyface/eval_tinyface.sh", "scripts/eval_launcher.sh"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, repo / rel)
+    env = {**os.environ, "PYTHON": "echo", "OUT": str(tmp_path / "env.json")}
+
+    def launch(*args: str) -> list[str]:
+        proc = subprocess.run(["bash", str(repo / "validation_tinyface/eval_tinyface.sh"), *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    head = ["-m", "validation_tinyface.validate_tinyface", "--model", "m.onnx", "--data_root", "data"]
+    head.append("--json")
+    assert launch("m.onnx", "data", "res/t.json", "--workers", "8") == [*head, "res/t.json", "--workers", "8"]
+    assert (tmp_path / "res").is_dir()
+    assert launch("m.onnx", "data", "--workers", "8") == [*head, str(tmp_path / "env.json"), "--workers", "8"]
+    del env["OUT"]
+    printed = launch("m.onnx", "data")
+    assert printed[:-1] == head
+    assert Path(printed[-1]).resolve() == (repo / "work_dirs/eval/m_tinyface.json").resolve()
 
 
 def test_layout_errors_name_the_folder(data_root, tmp_path, keyed):
