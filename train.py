@@ -522,8 +522,9 @@ def report(run: Run, log: Logbook, loss: float, steps: int, elapsed: float) -> N
 
 
 def evaluate(run: Run) -> dict[str, dict[str, float]]:
-    """10-fold accuracy (SPEC §5.2, flip-sum fusion) on every validation set. Every rank embeds its share
-    of the images and receives all features, so no rank waits on another past the collective timeout."""
+    """10-fold accuracy (docs/methods.md §5.2, flip-sum fusion) on every validation set. Every rank embeds
+    its share of the images and receives all features, so no rank waits on another past the collective
+    timeout."""
     embedder = TorchEmbedder(run.backbone, run.cfg.data.color, run.device, run.cfg.model.channels_last)
     results = {}
     for val in run.val_sets:

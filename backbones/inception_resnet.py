@@ -1,4 +1,4 @@
-"""InceptionResNetV1 (SPEC §2.3): the FaceNet network in facenet-pytorch's layout.
+"""InceptionResNetV1 (docs/methods.md §2.3): the FaceNet network in facenet-pytorch's layout.
 
 Stem (conv 3x3/2, 3x3, 3x3, max-pool 3x3/2, 1x1, 3x3, 3x3/2 to 256 channels) -> 5 x Block35 (residual
 scale 0.17) -> Mixed_6a (to 896) -> 10 x Block17 (0.10) -> Mixed_7a (to 1792) -> 5 x Block8 (0.20) -> a
@@ -146,7 +146,8 @@ class InceptionResNetV1(nn.Module):
 
     Args:
         embedding_size: D (512 in facenet-pytorch's released weights).
-        dropout: dropout before ``last_linear`` (facenet-pytorch 0.6; SPEC's masked-FR recipes 0.3-0.4).
+        dropout: dropout before ``last_linear`` (facenet-pytorch 0.6; the masked-FR recipes 0.3-0.4,
+            docs/methods.md §2.3).
         precision: ``fp32``, or ``fp16``/``bf16`` to run the convolutional body under autocast; pooling,
             ``last_linear`` and ``last_bn`` always run in fp32 (GeM's cube overflows fp16).
         grad_checkpoint: recompute each stem layer / inception block in backward instead of storing its

@@ -1,4 +1,4 @@
-"""IResNet ("improved ResNet", SPEC §2.1): the insightface arcface_torch backbone family.
+"""IResNet ("improved ResNet", docs/methods.md §2.1): the insightface arcface_torch backbone family.
 
 State-dict keys and shapes are exactly arcface_torch's, so its released ``model.pt`` files load with
 ``strict=True`` (tested against a recorded layout of the reference r50 and r100).

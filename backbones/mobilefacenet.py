@@ -1,4 +1,4 @@
-"""MobileFaceNet (SPEC §2.2) in the insightface arcface_torch ``mbf`` layout, with the GDC embedding head.
+"""MobileFaceNet (docs/methods.md §2.2) in arcface_torch's ``mbf`` layout, with the GDC embedding head.
 
 Module names follow arcface_torch (``layers``, ``conv_sep``, ``features``), so its ``mbf`` checkpoints load
 with ``strict=True`` (tested against a recorded layout of the reference).

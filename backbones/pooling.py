@@ -1,8 +1,8 @@
 """Global pooling of a feature map (N, C, H, W) -> (N, C): average, or generalised mean (GeM).
 
 GeM (Radenović et al.) is ``(mean_hw clamp(x, eps)^p)^(1/p)`` per channel with a learnable exponent p:
-p = 1 is the average, p -> inf approaches the maximum. SPEC §2.3 uses it, p initialised to 3 and eps 1e-6,
-in place of the final average pool of InceptionResNetV1 and SE-ResNeXt.
+p = 1 is the average, p -> inf approaches the maximum. docs/methods.md §2.3 uses it, p initialised to 3 and
+eps 1e-6, in place of the final average pool of InceptionResNetV1 and SE-ResNeXt.
 """
 
 from __future__ import annotations

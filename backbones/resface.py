@@ -1,4 +1,4 @@
-"""ResFace64 (SPEC §2.4): the SphereFace-style 64-layer residual network ProbFace builds on.
+"""ResFace64 (docs/methods.md §2.4): the SphereFace-style 64-layer residual network ProbFace builds on.
 
 Four stages at 64/128/256/512 channels; each opens with a 3x3 stride-2 conv and continues with 3/8/16/3
 residual units of two 3x3 convs (``x + conv(conv(x))``, nothing after the addition). Every conv is
@@ -6,7 +6,7 @@ conv (no bias) - BN (eps 1e-3) - ReLU. An s x s input (96 in ProbFace) ends as a
 (6 x 6). Flattened, that map is ProbFace's ``conv_final``; the embedding is dropout -> ``fc`` Linear
 (512 (s/16)^2 -> D, no bias) -> ``features`` BN1d (eps 1e-3), D = 256 in ProbFace.
 
-Interface for the ProbFace uncertainty module (SPEC §3.11):
+Interface for the ProbFace uncertainty module (docs/methods.md §3.11):
 
 * ``model(x)`` -> embedding (N, D), un-normalised (heads normalise; ProbFace's mu is its unit vector);
 * ``model(x, return_features=True)`` -> ``(embedding, conv_final)`` from one pass, ``conv_final`` the

@@ -1,4 +1,4 @@
-"""SE-ResNeXt (SPEC §2.3) in timm's ``ResNet`` layout (``gluon_seresnext101_32x4d`` and relatives).
+"""SE-ResNeXt (docs/methods.md §2.3) in timm's ``ResNet`` layout (``gluon_seresnext101_32x4d`` and relatives).
 
 ImageNet ResNet stem (7x7/2 conv 3 -> 64, BN, ReLU, 3x3/2 max-pool), four stages of bottleneck blocks
 (1x1 conv - BN - ReLU - grouped 3x3 conv carrying the stride - BN - ReLU - 1x1 conv to 4x the stage

@@ -62,7 +62,8 @@ class ExperimentConfig:
 
 @dataclass
 class AugmentConfig:
-    """Probability of each augmentation (SPEC §1.4). arcface_torch: flip only; AdaFace: 0.2 for the rest."""
+    """Probability of each augmentation (docs/methods.md §1.4). arcface_torch: flip only; AdaFace: 0.2 for
+    the rest."""
 
     flip: float = 0.5
     crop: float = 0.0
@@ -92,9 +93,9 @@ class DataConfig:
     num_classes: int | None = None
     num_images: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # Batch order: ``random`` (every image once per epoch, shuffled) or ``pk`` (SPEC §3.10: every micro-batch
-    # holds batch_size / pk_k identities x pk_k images, each identity once per epoch, its images repeated
-    # when it has fewer than pk_k).
+    # Batch order: ``random`` (every image once per epoch, shuffled) or ``pk`` (docs/methods.md §3.10:
+    # every micro-batch holds batch_size / pk_k identities x pk_k images, each identity once per epoch,
+    # its images repeated when it has fewer than pk_k).
     sampler: Literal["random", "pk"] = "random"
     pk_k: int = 4
     # Verification .bin sets evaluated during training, looked up in val_root.
@@ -119,7 +120,8 @@ class ModelConfig:
     pretrained: str = ""
     # Keep the backbone as loaded (no gradient, BN and dropout in inference mode), e.g. for ProbFace.
     freeze_backbone: bool = False
-    # ProbFace uncertainty module on the backbone's last feature map (SPEC §3.11): none | scalar | per_dim.
+    # ProbFace uncertainty module on the backbone's last feature map (docs/methods.md §3.11):
+    # none | scalar | per_dim.
     uncertainty: Literal["none", "scalar", "per_dim"] = "none"
     # DDP: static graph (a fixed set of used parameters), gradient bucket size, fp16 gradient all-reduce.
     ddp_static_graph: bool = True
@@ -153,8 +155,9 @@ class LossConfig:
 
 @dataclass
 class MiningConfig:
-    """Per-image difficulty scores (SPEC §3.8): an EMA of each image's target cosine, identical on every
-    rank, saved with checkpoints (the closeness-diversity method's stage 1 tracks them for stage 2)."""
+    """Per-image difficulty scores (docs/methods.md §3.8): an EMA of each image's target cosine, identical on
+    every rank, saved with checkpoints (the closeness-diversity method's stage 1 tracks them for
+    stage 2)."""
 
     difficulty: bool = False
     momentum: float = 0.9

@@ -5,9 +5,9 @@
   it (the ROC point whose FPR is closest to the target; the larger TPR wins ties).
 * :func:`closed_set_ranks` / :func:`cmc`: rank of each probe's best mate among a gallery that may hold
   a million distractors, scored in chunks so memory stays bounded.
-* :func:`tpir_at_fpir`: the IJB 1:N "TPIR at FPIR" of insightface's evaluation (SPEC §5.3), whose threshold
-  is the k-th largest non-mate score of mated probes; :func:`open_set_tpir_at_fpir`: the NIST open-set
-  definition, whose threshold comes from probes that have no mate in the gallery.
+* :func:`tpir_at_fpir`: the IJB 1:N "TPIR at FPIR" of insightface's evaluation (docs/methods.md §5.3), whose
+  threshold is the k-th largest non-mate score of mated probes; :func:`open_set_tpir_at_fpir`: the NIST
+  open-set definition, whose threshold comes from probes that have no mate in the gallery.
 """
 
 from __future__ import annotations
@@ -151,8 +151,8 @@ def tpir_at_fpir(
     fpirs: Iterable[float] = (0.01, 0.1),
     chunk: int = 4096,
 ) -> dict[float, dict[str, float]]:
-    """TPIR at each FPIR as insightface's IJB 1:N evaluation computes it (SPEC §5.3), for a gallery in
-    which every probe has a mate: ``{fpir: {"tpir": ..., "threshold": ...}}``.
+    """TPIR at each FPIR as insightface's IJB 1:N evaluation computes it (docs/methods.md §5.3), for a
+    gallery in which every probe has a mate: ``{fpir: {"tpir": ..., "threshold": ...}}``.
 
     The similarity is the inner product. The threshold for a target FPIR is the k-th largest of all
     non-mate scores (probe x gallery entries of other identities), k = ceil(#probes x FPIR); TPIR is

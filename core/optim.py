@@ -1,4 +1,4 @@
-"""Optimizers and per-step learning-rate schedules built from the config (SPEC §4).
+"""Optimizers and per-step learning-rate schedules built from the config (docs/methods.md §4).
 
 Schedules are per optimizer step: linear warmup from 0 over ``warmup_epochs``, then ``polynomial``
 (insightface's PolyScheduler), ``multistep`` (milestones in epochs) or ``cosine`` decay to ``min_lr``.

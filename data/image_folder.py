@@ -1,4 +1,5 @@
-"""Face images in ``root/<identity>/<image>`` folders (SPEC §1.2), with the same contract as RecordIO.
+"""Face images in ``root/<identity>/<image>`` folders (docs/methods.md §1.2), with the same contract as
+RecordIO.
 
 Identities are the sub-folders in sorted order, labelled ``0..C-1``; images are sorted by file name within
 each identity, so every identity is one contiguous range of positions (what PK samplers need).

@@ -96,7 +96,7 @@ class KeyedFaceDataset(FaceDataset):
 
 
 class PKBatchSampler(GlobalBatchSampler):
-    """The global-batch order of :class:`GlobalBatchSampler` made of PK groups (SPEC §3.10).
+    """The global-batch order of :class:`GlobalBatchSampler` made of PK groups (docs/methods.md §3.10).
 
     Global batch b holds ``batch_size / k x world_size x grad_accum`` identities with ``k`` images each
     (``mining.PKSampler``: every identity once per epoch, images repeated when an identity has fewer than k),

@@ -1,4 +1,4 @@
-"""Training-time augmentation (SPEC §1.4) on uint8 RGB images, and the one input normalisation.
+"""Training-time augmentation (docs/methods.md §1.4) on uint8 RGB images, and the one input normalisation.
 
 Images stay uint8 RGB H x W x 3 (numpy) through augmentation and uint8 3 x H x W (torch) through the data
 loader; :func:`normalize_batch` turns a batch into the network input once, on the device.

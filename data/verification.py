@@ -1,4 +1,4 @@
-"""Verification ``.bin`` sets (SPEC §5.1): read, write, and build from an LFW-style pairs file.
+"""Verification ``.bin`` sets (docs/methods.md §5.1): read, write, and build from an LFW-style pairs file.
 
 A ``.bin`` is a pickle of ``(bins, issame)``: ``bins`` holds 2N encoded 112x112 face images (pair k is
 ``bins[2k], bins[2k+1]``), ``issame`` N booleans. The files of the field are often Python-2 pickles, so

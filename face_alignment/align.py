@@ -1,4 +1,4 @@
-"""5-point similarity alignment to the ArcFace 112x112 template (SPEC §6).
+"""5-point similarity alignment to the ArcFace 112x112 template (docs/methods.md §6).
 
 The transform is the non-reflective similarity (scale, rotation, translation) that maps the five detected
 points onto the template in the least-squares sense (Umeyama's closed form, what MATLAB's ``cp2tform``

@@ -1,4 +1,4 @@
-"""Margin heads (SPEC §3.1-3.7): embeddings + labels -> logits already multiplied by the scale s.
+"""Margin heads (docs/methods.md §3.1-§3.7): embeddings + labels -> logits already multiplied by the scale s.
 
 Every head owns the class centres ``weight`` (C x E, one row per class, as insightface's Partial FC
 stores them), normalises embeddings and centres, computes ``cos(theta_j)`` clamped to
@@ -150,7 +150,7 @@ class _StraightThroughArc(torch.autograd.Function):
 
 @HEADS.register("arcface")
 class ArcFace(MarginHead):
-    """Target logit s * cos(theta_y + m) in one of four variants (SPEC §3.2):
+    """Target logit s * cos(theta_y + m) in one of four variants (docs/methods.md §3.2):
 
     * ``exact`` (default): cos(theta + m) with its true gradient, s*sin(theta+m)/sin(theta) w.r.t. cos;
     * ``clip``: theta + m clipped to [eps, pi - eps] (AdaFace);
@@ -281,7 +281,7 @@ class MagFace(MarginHead):
 
 @HEADS.register("adaface")
 class AdaFace(MarginHead):
-    """Quality-adaptive margin (SPEC §3.6).
+    """Quality-adaptive margin (docs/methods.md §3.6).
 
     z = clip(h (n - mu) / (sigma + 1e-3), -1, 1) from the detached norm n and EMA batch statistics
     (mu, sigma); target s * [cos(clip(theta_y - m z, eps, pi - eps)) - g_add] with
@@ -322,7 +322,7 @@ class AdaFace(MarginHead):
 @HEADS.register("frabsm")
 def frabsm(embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
            t_alpha: float = 0.01, add_scale: float = 0.7) -> AdaFace:  # fmt: skip
-    """FRABSM head: AdaFace with the additive margin scaled by 0.7 (SPEC §3.7)."""
+    """FRABSM head: AdaFace with the additive margin scaled by 0.7 (docs/methods.md §3.7)."""
     return AdaFace(embedding_size, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, add_scale=add_scale)
 
 
@@ -331,7 +331,7 @@ def nfrabsm(embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0
             t_alpha: float = 0.01) -> AdaFace:  # fmt: skip
     """NFRABSM preset: the FRABSM head *without* the 0.7 factor on the additive margin (add_scale 1.0).
 
-    No public commit defines NFRABSM (SPEC §3.7 item 3). The two plausible readings are "the head without
+    No public commit defines NFRABSM (docs/methods.md §3.7). The two plausible readings are "the head without
     the 0.7 factor" (the first FRABSM commit) and "the alpha > 1 normalised mining weight". This preset is
     the head-side reading; the loss-side reading is the ``frabsm_weight`` loss with alpha > 1, so either
     (or both together) can be trained until the paper settles the definition.

@@ -1,4 +1,4 @@
-"""Partial FC (SPEC §3.12): a margin head whose class centres are sharded across ranks.
+"""Partial FC (docs/methods.md §3.12): a margin head whose class centres are sharded across ranks.
 
 Each rank holds a contiguous block of classes. Embeddings and labels are all-gathered, so every rank
 scores the whole global batch against its own centres; the softmax cross-entropy is computed across the

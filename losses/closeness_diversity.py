@@ -1,4 +1,4 @@
-"""Closeness and diversity losses of the two-stage closeness-diversity method (SPEC §3.8)."""
+"""Closeness and diversity losses of the two-stage closeness-diversity method (docs/methods.md §3.8)."""
 
 from __future__ import annotations
 

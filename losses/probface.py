@@ -1,4 +1,4 @@
-"""ProbFace losses (SPEC §3.11): mutual likelihood score, output constraint, attention distance."""
+"""ProbFace losses (docs/methods.md §3.11): mutual likelihood score, output constraint, attention distance."""
 
 from __future__ import annotations
 

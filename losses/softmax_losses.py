@@ -1,4 +1,5 @@
-"""Losses on margin-head logits: cross-entropy, focal loss, the FRABSM mining weight (SPEC §3.7, §3.9).
+"""Losses on margin-head logits: cross-entropy, focal loss, the FRABSM mining weight
+(docs/methods.md §3.7, §3.9).
 
 All take logits (N, C), already multiplied by the head's scale, and int64 labels (N,). Each is a function of
 the per-sample cross-entropy, exposed as ``reduce(ce, labels)``: the training loop feeds it the per-sample
@@ -84,7 +85,7 @@ class FocalLoss(CrossEntropy):
 
 @LOSSES.register("frabsm_weight")
 class FRABSMLoss(nn.Module):
-    """L = I(p) * CE with the probability-driven mining weight of FRABSM (SPEC §3.7):
+    """L = I(p) * CE with the probability-driven mining weight of FRABSM (docs/methods.md §3.7):
 
     I(p) = 1 + alpha (sigmoid(p0 - p) - 1/2) for 0 <= alpha <= 1, and 7 (1 + alpha (sigmoid(p0 - p) - 1/2)) /
     (7 + alpha) for alpha > 1. ``reduction="batch"`` (the released code): p = exp(-mean CE), one weight for

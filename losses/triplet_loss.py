@@ -1,4 +1,4 @@
-"""Triplet loss with online mining (SPEC §3.10): batch-hard, batch-all and semi-hard.
+"""Triplet loss with online mining (docs/methods.md §3.10): batch-hard, batch-all and semi-hard.
 
 The miners work on any distance matrix, so ProbFace's attention distance (``losses.probface``) uses the
 same semi-hard mining as embeddings do.
@@ -106,5 +106,6 @@ class TripletLoss(nn.Module):
 def attention_triplet_loss(
     mu: torch.Tensor, sigma2: torch.Tensor, labels: torch.Tensor, margin: float = 3.0
 ) -> torch.Tensor:
-    """ProbFace's discriminative term: semi-hard triplet loss on the attention distance (SPEC §3.11)."""
+    """ProbFace's discriminative term: semi-hard triplet loss on the attention distance
+    (docs/methods.md §3.11)."""
     return triplet_from_distances(attention_distance(mu, sigma2), labels, margin, "semi_hard")[0]

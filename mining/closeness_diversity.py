@@ -1,4 +1,4 @@
-"""Stage 2 of the closeness-diversity method (SPEC §3.8): a mined mini-batch every few steps.
+"""Stage 2 of the closeness-diversity method (docs/methods.md §3.8): a mined mini-batch every few steps.
 
 On a mining step, each rank takes K / world classes present in its part of the batch; from the difficulty
 scores it draws per class N_E easy images (score above the threshold tau, the 20th percentile of sampled

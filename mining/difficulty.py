@@ -1,4 +1,5 @@
-"""Per-image difficulty scores and the easy/hard sampler of the closeness-diversity method (SPEC §3.8).
+"""Per-image difficulty scores and the easy/hard sampler of the closeness-diversity method
+(docs/methods.md §3.8).
 
 The score d_i of training image i is an EMA of its target cosine, d_i <- 0.9 d_i + 0.1 cos(theta_y)
 (higher = easier). Every rank sees the (index, cosine) pairs of the whole global batch, so the score

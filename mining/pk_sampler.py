@@ -1,4 +1,5 @@
-"""P identities x K images per batch (SPEC §3.10), deterministic per seed and epoch, split across ranks."""
+"""P identities x K images per batch (docs/methods.md §3.10), deterministic per seed and epoch, split
+across ranks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ProbFace (SPEC §3.11, §5.6): uncertainty for a trained face-recognition backbone.
+"""ProbFace (docs/methods.md §3.11, §5.6): uncertainty for a trained face-recognition backbone.
 
 * ``probface.model``: the uncertainty module and ``ProbFaceNet`` (backbone + module, one pass);
 * ``probface.loss``: the ``probface`` loss of ``train.py`` (MLS + output constraint + attention triplet);

@@ -1,4 +1,4 @@
-"""Fusing probabilistic embeddings (SPEC §3.11) and scoring them.
+"""Fusing probabilistic embeddings (docs/methods.md §3.11) and scoring them.
 
 A set of K images (a template, or an image and its horizontal flip) with unit embeddings mu_k and variances
 sigma2_k becomes one: weights w_k proportional to (1 / sigma2_k)^(1/T), normalised to sum 1;

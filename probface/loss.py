@@ -1,4 +1,4 @@
-"""ProbFace's training loss (SPEC §3.11) as one registered loss: ``loss.name: probface``.
+"""ProbFace's training loss (docs/methods.md §3.11) as one registered loss: ``loss.name: probface``.
 
     L = mls_weight * L_MLS + constraint_weight * L_constraint + triplet_weight * L_triplet
 

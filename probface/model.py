@@ -1,4 +1,5 @@
-"""ProbFace's uncertainty module and the network that pairs it with a (frozen) backbone (SPEC §3.11).
+"""ProbFace's uncertainty module and the network that pairs it with a (frozen) backbone
+(docs/methods.md §3.11).
 
 The backbone gives the embedding (mu is its unit vector) and, from the same pass, its flattened last
 convolutional map ``conv_final`` (``backbone(x, return_features=True)``, see ``backbones``). The uncertainty

@@ -1,4 +1,5 @@
-"""Risk-controlled verification (SPEC §5.6): how accuracy rises when the most uncertain pairs are refused.
+"""Risk-controlled verification (docs/methods.md §5.6): how accuracy rises when the most uncertain pairs
+are refused.
 
     python -m probface.risk --model work_dirs/probface/last.pt --bin lfw.bin [cfp_fp.bin ...] [--json J]
     python -m probface.risk --model CKPT --bin lfw.bin --pairs 1200 --no-flip    # a quicker look

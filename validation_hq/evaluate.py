@@ -1,4 +1,4 @@
-"""Evaluate a model on verification ``.bin`` sets with the 10-fold protocol (SPEC §5.2).
+"""Evaluate a model on verification ``.bin`` sets with the 10-fold protocol (docs/methods.md §5.2).
 
     python -m validation_hq.evaluate --model CKPT_OR_ONNX --bins lfw.bin cfp_fp.bin [--json out.json]
     python -m validation_hq.evaluate --model model.pt --backbone r100 --bin-dir /data/faces_emore \

@@ -1,4 +1,4 @@
-"""Masked-face verification on ``.bin`` pairs with the histogram-crossing threshold (SPEC §5.7).
+"""Masked-face verification on ``.bin`` pairs with the histogram-crossing threshold (docs/methods.md §5.7).
 
     python -m validation_hq.masked --model M --bin lfw.bin --mask none one both [--json J] [--plot hist.png]
 

@@ -1,4 +1,5 @@
-"""The 10-fold verification protocol of the .bin sets (SPEC §5.2), as insightface and AdaFace run it.
+"""The 10-fold verification protocol of the .bin sets (docs/methods.md §5.2), as insightface and AdaFace
+run it.
 
 1. Embed every image and its horizontal flip; fuse them (default: sum the un-normalised embeddings, then
    L2-normalise).

@@ -1,5 +1,5 @@
 r"""Evaluate a model on IJB-B / IJB-C (insightface ``IJB_release`` layout): 1:1 verification (TAR at FAR
-1e-6 ... 1e-1) and 1:N identification (rank-1/5/10, TPIR at FPIR 0.01 / 0.1), SPEC §5.3.
+1e-6 ... 1e-1) and 1:N identification (rank-1/5/10, TPIR at FPIR 0.01 / 0.1), docs/methods.md §5.3.
 
     python -m validation_ijb.evaluate --model CKPT_OR_ONNX --ijb-root /data/IJB_release --dataset ijbc
     python -m validation_ijb.evaluate --model model.pt --backbone r100 --ijb-root IJB_release \

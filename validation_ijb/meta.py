@@ -1,4 +1,4 @@
-"""Reader of the insightface ``IJB_release`` layout of IJB-B / IJB-C (SPEC §5.3).
+"""Reader of the insightface ``IJB_release`` layout of IJB-B / IJB-C (docs/methods.md §5.3).
 
     <root>/IJBC/loose_crop/1.jpg ...                  the face photos (loose crops)
     <root>/IJBC/meta/ijbc_name_5pts_score.txt          "1.jpg x1 y1 ... x5 y5 faceness" per image

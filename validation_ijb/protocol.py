@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C protocol arithmetic (SPEC §5.3): image features under the N/D/F switches, template
+"""IJB-B / IJB-C protocol arithmetic (docs/methods.md §5.3): image features under the N/D/F switches, template
 pooling over media, 1:1 template-pair scores and TAR@FAR, 1:N identification.
 
 The switches, as insightface's ``eval_ijbc.py`` names them (``use_norm_score``, ``use_detector_score``,
@@ -187,7 +187,7 @@ def identification(
     mixed probe templates; similarity = inner product of the template features.
 
     * ``rank``: CMC at ``ranks`` (rank of the probe's best mate; ties count for the probe);
-    * ``tpir_at_fpir``: insightface's figure (SPEC §5.3, :func:`core.identification.tpir_at_fpir`);
+    * ``tpir_at_fpir``: insightface's figure (docs/methods.md §5.3, :func:`core.identification.tpir_at_fpir`);
     * ``open_set``: the NIST definition per gallery (:func:`core.identification.open_set_tpir_at_fpir`),
       where the probes of subjects outside that gallery are the non-mated searches; a gallery whose
       probes are all mated (or none) has a ``reason`` instead.

@@ -1,4 +1,5 @@
-"""Evaluate a model on MegaFace challenge 1 (SPEC §5.5): rank-1 identification and TAR@FAR 1e-1 ... 1e-9.
+"""Evaluate a model on MegaFace challenge 1 (docs/methods.md §5.5): rank-1 identification and TAR@FAR
+1e-1 ... 1e-9.
 
     python -m validation_megaface.evaluate --root /data/megaface_testpack --model CKPT_OR_ONNX
     python -m validation_megaface.evaluate --root /data/megaface_testpack --model model.pt --backbone r100 \\

@@ -1,4 +1,5 @@
-"""The MegaFace protocol of the closeness-diversity repository (FFC-derived; SPEC §5.5), memory-bounded.
+"""The MegaFace protocol of the closeness-diversity repository (FFC-derived; docs/methods.md §5.5),
+memory-bounded.
 
 Data (insightface's ``megaface_testpack``): probes ``facescrub_images/<identity>/<identity>_<n>.png``,
 distractors ``megaface_images/<a>/<b>/<c>.jpg``, and the noise lists ``facescrub_noises.txt`` (one FaceScrub

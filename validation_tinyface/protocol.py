@@ -1,4 +1,4 @@
-"""The TinyFace closed-set identification protocol (SPEC §5.4), as AdaFace evaluates it.
+"""The TinyFace closed-set identification protocol (docs/methods.md §5.4), as AdaFace evaluates it.
 
 The test split has three folders of pre-aligned crops (AdaFace's MTCNN-aligned copy
 ``aligned_pad_0.1_pad_high``): ``Probe/``, ``Gallery_Match/`` and ``Gallery_Distractor/``. A file's identity

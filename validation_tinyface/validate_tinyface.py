@@ -1,4 +1,4 @@
-"""Evaluate a model on TinyFace closed-set identification (SPEC §5.4): rank-1 / rank-5 / rank-20.
+"""Evaluate a model on TinyFace closed-set identification (docs/methods.md §5.4): rank-1 / rank-5 / rank-20.
 
     python validation_tinyface/validate_tinyface.py --data_root /data/tinyface --model CKPT_OR_ONNX
     python -m validation_tinyface.validate_tinyface --data_root . --model model.pt --backbone r100 \\
