@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,82 @@ def test_base_yaml_spells_out_every_schema_default():
     assert load_config(CONFIGS / "base.yaml") == Config()
 
 
+def yaml_files_nearest_first(path: Path) -> list[tuple[Path, dict]]:
+    """The file and every file it inherits from, read with plain yaml, in the order that decides a key: the
+    file itself, then its last base (with that base's own bases), ..., then its first base."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    bases = raw.pop("_base_", [])
+    chain = [(path, raw)]
+    for base in reversed([bases] if isinstance(bases, str) else bases):
+        chain += yaml_files_nearest_first((path.parent / base).resolve())
+    return chain
+
+
+def flat_leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a.b": leaf}`` for every non-mapping value (an empty mapping sets nothing: it merges)."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flat_leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def expected_values(path: Path) -> dict[str, object]:
+    """What the files of ``path``'s chain set: the nearest file's value of each key; the ``params`` of a
+    section (head, loss) kept only when no nearer file gives that section another ``name``."""
+    chain = [flat_leaves(raw) for _, raw in yaml_files_nearest_first(path)]
+    expected: dict[str, object] = {}
+    for i, leaves in enumerate(chain):
+        for key, value in leaves.items():
+            if key in expected:
+                continue
+            section, _, rest = key.partition(".")
+            if rest.startswith("params."):
+                names = [f.get(f"{section}.name") for f in chain[i:] if f"{section}.name" in f]
+                here = names[0] if names else None  # the section's name where these params were set
+                if any(f.get(f"{section}.name", here) != here for f in chain[:i]):
+                    continue  # renamed nearer: constructor arguments of another part
+            expected[key] = value
+    return expected
+
+
 @pytest.mark.parametrize("name", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")))
-def test_every_shipped_config_loads(name):
+def test_every_shipped_config_loads(name, tmp_path):
+    import train  # noqa: F401 - registers every backbone, head and loss (ProbFace's included)
+    from backbones import BACKBONES
+    from heads.registry import HEADS
+    from losses.registry import LOSSES
+
     cfg = load_config(CONFIGS / name)
-    assert isinstance(cfg, Config)
+    resolved, defaults = flat_leaves(config_to_dict(cfg)), flat_leaves(config_to_dict(Config()))
+    expected = expected_values(CONFIGS / name)
+    assert expected, f"{name}: sets nothing"
+    for key, value in expected.items():  # every value the file or its bases set is the resolved one
+        assert key in resolved, f"{name}: {key} set in the YAML but not in the resolved config"
+        got = resolved[key]
+        if isinstance(got, float) and isinstance(value, str):
+            value = float(value)  # 1e-4: a string to YAML 1.1, a number to the config loader
+        assert got == value, f"{name}: {key} = {got!r}, the YAML says {value!r}"
+    for key, value in resolved.items():  # and every other key keeps the schema default
+        if key not in expected:
+            assert key in defaults and value == defaults[key], f"{name}: {key} = {value!r} set by no file"
+    # the parts it names exist and take the arguments it gives them
+    assert cfg.model.backbone in BACKBONES.names()
+    for registry, section in ((HEADS, cfg.head), (LOSSES, cfg.loss)):
+        if section is cfg.head and section.name == "none":
+            assert not section.params, f"{name}: head.params for head.name none"
+            continue
+        accepted = inspect.signature(registry.get(section.name)).parameters
+        if any(a.kind is inspect.Parameter.VAR_KEYWORD for a in accepted.values()):
+            continue  # takes any keyword
+        unknown = set(section.params) - set(accepted)
+        assert not unknown, f"{name}: {section.name} takes no {unknown}"
+    # the resolved config written out reads back as the same config and the same plain YAML
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text()) == config_to_dict(cfg)
 
 
 def test_bases_merge_in_order_and_file_keys_win(tmp_path):
