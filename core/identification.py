@@ -1,4 +1,4 @@
-"""Verification and identification metrics shared by the IJB, TinyFace and MegaFace evaluators.
+"""Verification and identification metrics shared by the IJB and TinyFace evaluators.
 
 * :func:`roc_curve` / :func:`tar_at_far`: the ROC of similarity scores (higher = more alike) as
   scikit-learn's ``roc_curve`` computes it, and TAR at target FARs the way insightface's IJB script reads
