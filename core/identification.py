@@ -8,6 +8,10 @@
 * :func:`tpir_at_fpir`: the IJB 1:N "TPIR at FPIR" of insightface's evaluation (docs/methods.md §5.3), whose
   threshold is the k-th largest non-mate score of mated probes; :func:`open_set_tpir_at_fpir`: the NIST
   open-set definition, whose threshold comes from probes that have no mate in the gallery.
+
+Scores are computed in the precision of the features: float32 features give float32 scores, and float64
+features (IJB templates) float64 scores, so that no rounding ties scores which the reference computation
+(insightface's float64 templates) keeps apart.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars: Iterable[float] = FARS) -
     return {float(far): float(tpr_r[int(np.argmin(np.abs(fpr_r - far)))]) for far in fars}
 
 
+def _score_dtype(*features: np.ndarray) -> np.dtype:
+    """float64 when any of the features is float64 (or integer), else float32."""
+    return np.result_type(*(np.asarray(f).dtype for f in features), np.float32)
+
+
 def _check_features(name: str, features: np.ndarray, ids: np.ndarray) -> None:
     if features.ndim != 2 or len(features) != len(ids):
         raise ValueError(f"{name}: {features.shape} features for {len(ids)} identities; need (N, D)")
@@ -74,9 +83,11 @@ def closed_set_ranks(
     Rank = 1 + the number of non-mate entries scoring strictly above the best mate (ties count for the
     probe). ``distractors`` is an array or a sequence of arrays (e.g. memory-mapped ``.npy`` blocks);
     scores are computed ``chunk`` rows at a time, so a million distractors need
-    ``len(probes) x chunk`` floats at once. Every probe must have a mate in the gallery.
+    ``len(probes) x chunk`` floats at once, in float64 when the probes or the gallery are float64, else in
+    float32. Every probe must have a mate in the gallery.
     """
-    probes, gallery = np.asarray(probes, np.float32), np.asarray(gallery, np.float32)
+    dtype = _score_dtype(probes, gallery)
+    probes, gallery = np.asarray(probes, dtype), np.asarray(gallery, dtype)
     probe_ids, gallery_ids = np.asarray(probe_ids), np.asarray(gallery_ids)
     _check_features("probes", probes, probe_ids)
     _check_features("gallery", gallery, gallery_ids)
@@ -85,7 +96,7 @@ def closed_set_ranks(
         raise ValueError(
             f"{len(missing)} probe identities have no gallery mate (e.g. {missing[:3].tolist()})"
         )
-    mate_score = np.full(len(probes), -np.inf, np.float32)
+    mate_score = np.full(len(probes), -np.inf, dtype)
     higher = np.zeros(len(probes), np.int64)
     blocks = [distractors] if isinstance(distractors, np.ndarray) else list(distractors)
     # Pass 1: the best mate score of every probe (gallery only).
@@ -102,7 +113,7 @@ def closed_set_ranks(
         if block.ndim != 2 or block.shape[1] != probes.shape[1]:
             raise ValueError(f"distractor block of shape {block.shape}; need (N, {probes.shape[1]})")
         for start in range(0, len(block), chunk):
-            scores = probes @ np.asarray(block[start : start + chunk], np.float32).T
+            scores = probes @ np.asarray(block[start : start + chunk], dtype).T
             higher += (scores > mate_score[:, None]).sum(axis=1)
     return higher + 1
 
@@ -125,7 +136,8 @@ def _probe_blocks(
 def _checked(
     probes: np.ndarray, probe_ids: np.ndarray, gallery: np.ndarray, gallery_ids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    probes, gallery = np.asarray(probes, np.float32), np.asarray(gallery, np.float32)
+    dtype = _score_dtype(probes, gallery)
+    probes, gallery = np.asarray(probes, dtype), np.asarray(gallery, dtype)
     probe_ids, gallery_ids = np.asarray(probe_ids), np.asarray(gallery_ids)
     _check_features("probes", probes, probe_ids)
     _check_features("gallery", gallery, gallery_ids)
@@ -170,8 +182,8 @@ def tpir_at_fpir(
     fpirs = [float(f) for f in fpirs]
     ks = {f: _kth_largest_count(len(probes), f) for f in fpirs}
     k_max = max(ks.values())
-    mate_score = np.empty(len(probes), np.float32)
-    top = np.empty(0, np.float32)  # the k_max largest non-mate scores so far
+    mate_score = np.empty(len(probes), probes.dtype)
+    top = np.empty(0, probes.dtype)  # the k_max largest non-mate scores so far
     for rows, scores, mate in _probe_blocks(probes, probe_ids, gallery, gallery_ids, chunk):
         mate_score[rows] = _best_mate(scores, mate)
         top = np.concatenate([top, scores[~mate]])
@@ -212,13 +224,13 @@ def open_set_tpir_at_fpir(
             f"{len(probes)} probes have a mate in the gallery"
         )
     fpirs = [float(f) for f in fpirs]
-    top1 = np.empty(int((~mated).sum()), np.float32)  # best score of each non-mated probe
+    top1 = np.empty(int((~mated).sum()), probes.dtype)  # best score of each non-mated probe
     for rows, scores, _ in _probe_blocks(probes[~mated], probe_ids[~mated], gallery, gallery_ids, chunk):
         top1[rows] = scores.max(axis=1)
     top1 = np.sort(top1)[::-1]
     mated_probes, mated_ids = probes[mated], probe_ids[mated]
     ranks = closed_set_ranks(mated_probes, mated_ids, gallery, gallery_ids, chunk=chunk)
-    mate_score = np.empty(len(mated_probes), np.float32)
+    mate_score = np.empty(len(mated_probes), probes.dtype)
     for rows, scores, mate in _probe_blocks(mated_probes, mated_ids, gallery, gallery_ids, chunk):
         mate_score[rows] = _best_mate(scores, mate)
     results = {}

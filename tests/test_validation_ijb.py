@@ -24,8 +24,14 @@ from core.identification import open_set_tpir_at_fpir, tpir_at_fpir
 from face_alignment import align_face
 from validation_ijb import evaluate, lfw_ijb
 from validation_ijb.dataset import AlignedFaces
-from validation_ijb.meta import IJBMetaError, load_ijb
-from validation_ijb.protocol import Mode, image_features, pair_scores, template_features
+from validation_ijb.meta import IJBMeta, IJBMetaError, TemplateList, load_ijb
+from validation_ijb.protocol import (
+    Mode,
+    identification,
+    image_features,
+    pair_scores,
+    template_features,
+)
 
 ALL_MODES = [Mode(bool(n), bool(d), bool(f)) for n in (1, 0) for d in (1, 0) for f in (1, 0)]
 PROJECT = Path(evaluate.__file__).resolve().parent.parent
@@ -163,6 +169,64 @@ def test_pair_scores_in_blocks_equal_direct_dot_products():
     direct = [feats[ids == a][0] @ feats[ids == b][0] for a, b in zip(t1, t2, strict=True)]
     for block in (1, 3, 2048):
         np.testing.assert_allclose(pair_scores(ids, feats, t1, t2, block=block), direct, rtol=1e-5, atol=1e-6)
+
+
+TIE_A, TIE_B = (3.0, 4.0, 0.0), (3.0, 4.0, 1e-4)  # cosines with e0: 0.6 and 0.6 - 1.2e-10
+
+
+def toward_e0(cosine: float) -> tuple[float, float, float]:
+    return cosine, math.sqrt(1 - cosine * cosine), 0.0
+
+
+def e0_templates(probes: list[tuple[float, float, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image features (float32, one image and media per template) of template 1 along e0 and of templates
+    100, 101, ... given as 3-vectors; their ids and media ids. TIE_A and TIE_B score 0.6 and 0.6 - 1.2e-10
+    against e0: one value once rounded to float32, two in float64."""
+    feats = np.array([(2.0, 0.0, 0.0), *probes], np.float32)
+    templates = np.r_[1, np.arange(100, 100 + len(probes))]
+    return feats, templates, np.arange(len(feats))
+
+
+def test_tar_at_far_equals_insightface_where_float32_rounding_ties_scores():
+    """insightface pools and scores templates in float64; float32 scores tie two impostors here, and the
+    thinned ROC then keeps a point at FPR 0.1 exactly (TAR 1/2) where the float64 ROC has its nearest point
+    at 0.16 (TAR 1). The evaluator must give the float64 answer at every FAR."""
+    above = [toward_e0(0.9), toward_e0(0.85), toward_e0(0.8), TIE_A, TIE_B,
+             toward_e0(0.55), toward_e0(0.5), toward_e0(0.45)]  # fmt: skip  # 8 of 50 impostors
+    below = [toward_e0(c) for c in np.linspace(0.25, -0.9, 42)]
+    feats, templates, medias = e0_templates([toward_e0(0.95), *above, toward_e0(0.3), *below])
+    labels = np.array([1] + [0] * 8 + [1] + [0] * 42)
+    n = len(feats)
+    meta = IJBMeta("ijbc", Path("."), np.array([f"{k}.jpg" for k in range(n)]), np.zeros((n, 5, 2)),
+                   np.ones(n, np.float32), templates, medias,
+                   pairs=(np.ones(n - 1, np.int64), templates[1:], labels))  # fmt: skip
+    unit = feats.astype(np.float64) / np.linalg.norm(feats.astype(np.float64), axis=1, keepdims=True)
+    reference = unit[1:] @ unit[0]  # insightface: float64 templates, float64 cosines
+    impostors = reference[labels == 0]
+    assert len(np.unique(impostors)) == 50 and len(np.unique(impostors.astype(np.float32))) == 49
+    fars = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    expected = insightface_tar(reference, labels, fars)
+    assert expected[1e-1] == 1.0 and insightface_tar(reference.astype(np.float32), labels, fars)[1e-1] == 0.5
+    got = evaluate.evaluate_features(meta, feats, None, [Mode(True, False, False)])["N1D0F0"]["1:1"]
+    assert got["tar_at_far"] == expected
+    fpr, tpr, _ = sklearn_roc_curve(labels, reference)
+    np.testing.assert_allclose(got["fpr"], fpr, rtol=1e-12)
+    np.testing.assert_allclose(got["tpr"], tpr, rtol=1e-12)
+
+
+def test_1n_scores_in_float64_where_float32_rounding_ties_a_mate():
+    """insightface's 1:N script ranks and thresholds float64 similarities. Against a probe along e0, a
+    non-mate 1.2e-10 above the mate ranks first (a float32 tie would give rank 1), and a mate 1.2e-10
+    above the best non-mate clears the TPIR threshold (a float32 tie would not)."""
+    feats, templates, medias = e0_templates([TIE_A, TIE_B, toward_e0(0.2)])
+    ids, pooled = template_features(feats, templates, medias)
+    probes = TemplateList(Path("probe.csv"), np.array([1]), np.array([7]))
+    for mate, expected_rank, expected_tpir in ((101, 2, 0.0), (100, 1, 1.0)):
+        other = 201 - mate  # the other of templates 100 and 101
+        gallery = TemplateList(Path("G1.csv"), np.array([mate, other, 102]), np.array([7, 8, 9]))
+        found = identification(ids, pooled, {"G1": gallery}, probes, ranks=(1, 2), fpirs=(1.0,))
+        assert found["rank"] == {1: float(expected_rank == 1), 2: 1.0}
+        assert found["tpir_at_fpir"][1.0]["tpir"] == expected_tpir
 
 
 # ----------------------------------------------------------------------------------- bad meta files

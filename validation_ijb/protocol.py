@@ -84,11 +84,14 @@ def template_features(
     medias: np.ndarray,
     weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted unique template ids, their L2-normalised features (T, D) float32) by media pooling.
+    """(sorted unique template ids, their L2-normalised features (T, D) float64) by media pooling.
 
     Within a template, the features of images that share a media id (frames of one video, or one photo
     listed twice) are averaged into one media feature; the template feature is the sum of its media
-    features, L2-normalised. Sums run in float64.
+    features, L2-normalised. Sums, templates and every score computed from them stay in float64, as in
+    insightface's scripts: rounding templates or scores to float32 ties distinct scores (hundreds of
+    impostor pairs on a 439-person tree), and a tie adds a point to the thinned ROC that can become the
+    nearest one to a target FAR (docs/methods.md §5.3).
 
     ``weights`` (optional, (N,) non-negative, one per image) multiplies each image's feature before the
     pooling, exactly as the detector score does under D1: a media feature becomes
@@ -127,7 +130,7 @@ def template_features(
             f"{len(empty)} templates have a zero or undefined feature (e.g. template {int(ids[empty[0]])}):"
             " all their weights or detector scores are 0, or their features are not finite"
         )
-    return ids, (pooled / norms).astype(np.float32)
+    return ids, pooled / norms
 
 
 def template_rows(ids: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:
@@ -141,20 +144,21 @@ def template_rows(ids: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:
 
 
 def pair_scores(
-    ids: np.ndarray, feats: np.ndarray, t1: np.ndarray, t2: np.ndarray, block: int = 2048
+    ids: np.ndarray, feats: np.ndarray, t1: np.ndarray, t2: np.ndarray, block: int = 1024
 ) -> np.ndarray:
-    """Cosine of the (unit) template features of each listed pair (float32).
+    """Cosine of the (unit) template features of each listed pair, in the features' precision (float64
+    from :func:`template_features`; 125 MB for the 15.7 M pairs of IJB-C).
 
-    IJB-C lists 15.7 M pairs over 23 k templates, so gathering two feature rows per pair would move tens
-    of gigabytes; instead the pairs are grouped by their first template and scored from
-    ``block`` x ``len(ids)`` similarity blocks (at most ``block * len(ids)`` floats at once, 190 MB for
-    IJB-C), about four times faster on a CPU.
+    Gathering two feature rows per pair would move tens of gigabytes at IJB-C scale; instead the pairs are
+    grouped by their first template and scored from ``block`` x ``len(ids)`` similarity blocks (at most
+    ``block * len(ids)`` numbers at once, 190 MB in float64 for IJB-C's 23 k templates), about four times
+    faster on a CPU.
     """
     rows1, rows2 = template_rows(ids, t1, "1:1 pairs"), template_rows(ids, t2, "1:1 pairs")
     order = np.argsort(rows1, kind="stable")
     r1, r2 = rows1[order], rows2[order]
     bounds = np.searchsorted(r1, np.arange(0, len(ids) + block, block))
-    scores = np.empty(len(r1), np.float32)
+    scores = np.empty(len(r1), np.result_type(feats.dtype, np.float32))
     for b, start in enumerate(range(0, len(ids), block)):
         lo, hi = bounds[b], bounds[b + 1]
         if lo < hi:
@@ -199,7 +203,8 @@ def identification(
     g_subjects = g_subjects[first]
     g_feats = feats[template_rows(ids, g_templates, "1:N gallery")]
     p_feats = feats[template_rows(ids, probes.templates, "1:N probes")]
-    found = closed_set_ranks(p_feats, probes.subjects, g_feats, g_subjects)
+    # gallery columns in chunks of 1024: IJB-C's 19.6 k probes x 1024 float64 scores is 160 MB at once
+    found = closed_set_ranks(p_feats, probes.subjects, g_feats, g_subjects, chunk=1024)
     results = {
         "probes": len(p_feats),
         "gallery": len(g_feats),
