@@ -779,8 +779,8 @@ def info(rec_path: str | os.PathLike[str], idx_path: str | os.PathLike[str] | No
         faces.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``info PATH.rec [--idx PATH.idx]`` or ``pack IMAGE_FOLDER OUT_PREFIX [--quality Q]``; prints JSON."""
+def build_parser() -> argparse.ArgumentParser:
+    """``info PATH.rec [--idx PATH.idx]`` or ``pack IMAGE_FOLDER OUT_PREFIX [--quality Q]``."""
     parser = argparse.ArgumentParser(prog="python -m data.recordio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="describe a .rec/.idx pair")
@@ -790,7 +790,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_pack.add_argument("folder", type=Path)
     p_pack.add_argument("out_prefix", type=Path)
     p_pack.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded non-JPEG images")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line of :func:`build_parser`; prints JSON."""
+    args = build_parser().parse_args(argv)
     if args.command == "info":
         return run_json_command(lambda: info(args.rec, args.idx))
     return run_json_command(lambda: pack_folder(args.folder, args.out_prefix, args.quality))

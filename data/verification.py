@@ -314,8 +314,8 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``info PATH.bin`` or ``make IMAGE_ROOT PAIRS_TXT OUT.bin [--resize]``; JSON on stdout."""
+def build_parser() -> argparse.ArgumentParser:
+    """Command line: ``info PATH.bin`` or ``make IMAGE_ROOT PAIRS_TXT OUT.bin [--resize]``."""
     parser = argparse.ArgumentParser(prog="python -m data.verification", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="print a JSON summary of a .bin")
@@ -325,7 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_make.add_argument("pairs_txt", type=Path)
     p_make.add_argument("out", type=Path)
     p_make.add_argument("--resize", action="store_true", help="scale images that are not 112x112")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line of :func:`build_parser`; JSON on stdout."""
+    args = build_parser().parse_args(argv)
     if args.command == "info":
         return run_json_command(lambda: info(args.path))
     return run_json_command(lambda: make_bin(args.image_root, args.pairs_txt, args.out, resize=args.resize))

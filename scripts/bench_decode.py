@@ -69,12 +69,16 @@ def time_decoder(fn: Callable[[bytes], np.ndarray], jpegs: list[bytes]) -> float
     return time.perf_counter() - start
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=shared_data_dir() / "celeba_aligned112")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3, help="timing passes; the best one counts")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     jpegs = load_jpegs(args.folder, args.images)
     shapes = {decode_simplejpeg(b).shape for b in jpegs}
     print(f"{len(jpegs)} JPEGs from {args.folder}, shapes {sorted(shapes)}")

@@ -29,7 +29,7 @@ from data.transforms import normalize_batch
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0, "L40S": 362.0, "A10": 125.0}
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="r50")
     p.add_argument("--head", default="arcface")
@@ -44,7 +44,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rec", default="", help="a RecordIO (prefix, .rec or folder) to read batches from")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: known GPUs)")
-    return p.parse_args()
+    return p
+
+
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def config(args: argparse.Namespace, root: str):

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # ProbFace risk-controlled verification (docs/methods.md §5.6) of a ProbFace checkpoint on .bin sets: the
 # sigma^2 percentiles and, for risk factors 0 / 0.1 / 0.2 / 0.3, the 10-fold cosine and MLS accuracy on the
-# pairs kept; the JSON goes to OUT_JSON, the last file named when it ends in .json (default: $OUT, else
+# pairs kept; the JSON goes to OUT.json, the last file named when it ends in .json (default: $OUT, else
 # work_dirs/eval/<model file name>_risk.json in the repository).
 #
-#   bash scripts/eval_risk.sh CKPT BIN [BIN ...] [OUT_JSON] [--pair-uncertainty sum] [--no-flip] [--risks 0 0.05 0.1]
+#   bash scripts/eval_risk.sh CKPT BIN [BIN ...] [OUT.json] [--pair-uncertainty sum] [--no-flip] [--risks 0 0.05 0.1]
 set -euo pipefail
 source "$(dirname "$0")/eval_launcher.sh"
 [[ $# -ge 2 ]] || launcher_usage

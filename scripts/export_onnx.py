@@ -109,7 +109,7 @@ def verify(embedder: TorchEmbedder, out: Path, fold: bool, images: torch.Tensor)
     return float((torch.nn.functional.normalize(exported, dim=1) - reference).abs().max())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--color", choices=["rgb", "bgr"], help="colour order of a plain state dict")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--verify-images", type=Path, help="folder of aligned 112x112 faces for the check")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         embedder = load_embedder(args.checkpoint, backbone=args.backbone, color=args.color)
         if not isinstance(embedder, TorchEmbedder):

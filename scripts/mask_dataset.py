@@ -288,7 +288,7 @@ def _refuse_existing(dst: Path, src: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.mask_dataset",
         description=__doc__,
@@ -317,7 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=4, help="--preview: faces (rows)")
     parser.add_argument("--variants", type=int, default=1, help="--preview: masks of each type per face")
     parser.add_argument("--colors", type=int, default=0, help="--preview: palette size (0: full colour)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_json_command(lambda: run(args))
 
 

@@ -84,7 +84,7 @@ def align_all(
             "failures": failures, "several_faces": several}  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -96,7 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bin", default="", help="name of the .bin written in OUT (with --pairs)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--detector", help="YuNet ONNX file (default: found in $FACEREC_MODELS)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not args.photos.is_dir():
         print(f"prepare_dataset: {args.photos} is not a folder of photos", file=sys.stderr)
         return 2

@@ -109,6 +109,36 @@ def test_eval_hq_script_output_json_argument_then_out_then_default(tmp_path):
     assert usage.returncode == 2 and "eval_hq.sh CKPT_OR_ONNX BIN_DIR [OUT_JSON]" in usage.stderr
 
 
+def test_eval_risk_script_takes_bins_then_an_optional_json(tmp_path):
+    """scripts/eval_risk.sh CKPT BIN [BIN ...] [OUT.json]: the trailing .json is the output, else $OUT, else
+    work_dirs/eval/<model>_risk.json in the repository (here a copy of the launcher; python replaced by
+    echo); a .json alone is no .bin, and too few arguments print the usage."""
+    repo = tmp_path / "repo"
+    for rel in ("scripts/eval_risk.sh", "scripts/eval_launcher.sh"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(evaluate.__file__).resolve().parent.parent / rel, repo / rel)
+    env = {**os.environ, "PYTHON": "echo", "OUT": str(tmp_path / "env.json")}
+
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(repo / "scripts/eval_risk.sh"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+
+    head = ["-m", "probface.risk", "--model", "p.pt", "--bin", "lfw.bin", "cfp_fp.bin", "--json"]
+    proc = launch("p.pt", "lfw.bin", "cfp_fp.bin", "res/risk.json", "--no-flip")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [*head, "res/risk.json", "--no-flip"] and (tmp_path / "res").is_dir()
+    assert launch("p.pt", "lfw.bin", "cfp_fp.bin", "--no-flip").stdout.split() == [
+        *head, str(tmp_path / "env.json"), "--no-flip"
+    ]  # fmt: skip
+    del env["OUT"]
+    printed = launch("p.pt", "lfw.bin", "cfp_fp.bin").stdout.split()
+    assert printed[:-1] == head
+    assert Path(printed[-1]).resolve() == (repo / "work_dirs/eval/p_risk.json").resolve()
+    for too_few in (["p.pt"], ["p.pt", "out.json"]):
+        usage = launch(*too_few)
+        assert usage.returncode == 2 and "eval_risk.sh CKPT BIN [BIN ...] [OUT.json]" in usage.stderr
+
+
 def test_cached_features_rescore_without_the_model(embed, small_bin, tmp_path):
     first = evaluate.evaluate_bins(embed, [small_bin], cache=tmp_path, key="m")
     assert (tmp_path / "lfw__m.npz").is_file()

@@ -87,7 +87,7 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -99,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="threads decoding each .bin (default 4)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--cache", type=Path, help="folder for features (.npz), reused by later runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     bins = list(args.bins)
     if args.bin_dir:
         bins += [args.bin_dir / f"{s}.bin" for s in SETS if (args.bin_dir / f"{s}.bin").is_file()]

@@ -202,7 +202,7 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -221,7 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a noise entry that names no image under --root is an error")  # fmt: skip
     parser.add_argument("--limit-distractors", type=int, help="use the first N distractors (quick runs)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         embed = embedder_from_args(args)
         key = embedder_key(args.model, embed)
