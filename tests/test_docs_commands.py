@@ -261,6 +261,12 @@ def check_launcher(script: str, argv: list[str], env: dict[str, str], sandbox: P
     """Run the sandbox's copy of the launcher with the stand-in interpreter; check what it would run."""
     if not (ROOT / script).is_file():
         return [f"{script}: no such launcher in the repository"]
+    launchers = "\n".join(f.read_text() for f in sandbox.rglob("*.sh"))
+    unread = [
+        f"{script}: no launcher reads {name}" for name in env if not re.search(rf"\$\{{?{name}\b", launchers)
+    ]
+    if unread:
+        return unread
     records = sandbox / "argv" / str(len(list((sandbox / "argv").iterdir())))
     records.mkdir()
     base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
@@ -405,6 +411,7 @@ WRONG: list[tuple[str, str]] = [
     ),
     ("bash validation_ijb/eval_ijb.sh M ROOT ijbd", "invalid choice: 'ijbd'"),
     ("DATASET=x scripts/train_adaface.sh --resumee auto", "unrecognized arguments: --resumee"),
+    ("DATSET=x BACKBONE=r50 scripts/train_adaface.sh", "no launcher reads DATSET"),
     ("bash scripts/train_recipe.sh no_such_recipe", "no recipe configs/recipes/no_such_recipe.yaml"),
     ("make no-such-target", "no target 'no-such-target'"),
     ("make demo NO_SUCH_VARIABLE=1", "the Makefile does not use NO_SUCH_VARIABLE"),
