@@ -151,7 +151,8 @@ def build_classifier(cfg: Config, num_classes: int) -> PartialFC:
     HEADS.check_kwargs(cfg.head.name, cfg.head.params, "head.params", fixed=("embedding_size", "num_classes"))
     return PartialFC(
         cfg.head.name, cfg.model.embedding_size, num_classes, cfg.head.sample_rate,
-        init_seed=cfg.experiment.seed, **cfg.head.params,
+        init_seed=cfg.experiment.seed,
+        interclass_filtering_threshold=cfg.head.interclass_filtering_threshold, **cfg.head.params,
     )  # fmt: skip
 
 

@@ -139,6 +139,9 @@ class HeadConfig:
     params: dict[str, Any] = field(default_factory=dict)
     # Partial FC: fraction of negative class centres sampled per step (1.0 = all).
     sample_rate: float = 1.0
+    # Partial FC inter-class filtering (arcface_torch): non-target cosines above this are zeroed as likely
+    # label-noise duplicates of the sample's identity; 0 = off (arcface_torch's default; 0.4 on noisy data).
+    interclass_filtering_threshold: float = 0.0
 
 
 @dataclass

@@ -4,6 +4,10 @@ Every head owns the class centres ``weight`` (C x E, one row per class, as insig
 stores them), normalises embeddings and centres, computes ``cos(theta_j)`` clamped to
 ``[-1 + eps, 1 - eps]`` and replaces the target cosine by its method's margined value. Heads that use the
 embedding norm (MagFace, AdaFace, FRABSM) read it from the un-normalised embedding.
+
+The centres start as the head's reference implementation starts them (``init``, see :func:`init_centres`):
+N(0, 0.01) for the insightface/arcface_torch family and CurricularFace, unit-length rows for AdaFace,
+FRABSM and MagFace.
 """
 
 from __future__ import annotations
@@ -17,6 +21,28 @@ from torch import Tensor, nn
 from heads.registry import HEADS
 
 EPS = 1e-7  # clamp of the cosine: keeps arccos and its gradient finite at theta = 0 and pi
+CENTRE_INITS = ("normal_0.01", "unit")
+
+
+def init_centres(rows: torch.Tensor, init: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill class-centre ``rows`` (one per class) in place with the initialisation ``init`` and return them.
+
+    * ``normal_0.01``: entries N(0, 0.01), rows of length about 0.01 sqrt(E) (0.23 for E = 512), as
+      arcface_torch's ``PartialFC_V2`` (partial_fc_v2.py) and CurricularFace (head/metrics.py) start;
+    * ``unit``: entries uniform(-1, 1), then every row rescaled to length 1, as AdaFace, FRABSM and MagFace
+      start (``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`` on their E x C kernel).
+
+    The logits see only the centres' directions, but the length sets how fast they turn: the gradient with
+    respect to a centre scales as 1 / |w| and the angle one SGD step turns it as 1 / |w|^2, so N(0, 0.01)
+    centres move much further in the first steps than unit ones at the same learning rate.
+    """
+    if init not in CENTRE_INITS:
+        raise ValueError(f"init must be one of {', '.join(CENTRE_INITS)}, got {init!r}")
+    with torch.no_grad():
+        if init == "normal_0.01":
+            return rows.normal_(0.0, 0.01, generator=generator)
+        rows.uniform_(-1.0, 1.0, generator=generator)
+        return rows.div_(rows.norm(dim=1, keepdim=True).clamp(min=1e-12))
 
 
 def check_inputs(
@@ -43,18 +69,30 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class MarginHead(nn.Module):
-    """Base class: class centres, input checks, cosine logits; subclasses define :meth:`margin`."""
+    """Base class: class centres, input checks, cosine logits; subclasses define :meth:`margin`.
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0) -> None:
+    ``init`` (``normal_0.01`` | ``unit``) is how the centres start (:func:`init_centres`); each head defaults
+    to its reference implementation's choice. Partial FC redraws them per block of classes from a seed with
+    the same ``init``.
+    """
+
+    def __init__(
+        self, embedding_size: int, num_classes: int, s: float = 64.0, init: str = "normal_0.01"
+    ) -> None:
         super().__init__()
         if embedding_size <= 0 or num_classes <= 0:
             raise ValueError(
                 f"embedding_size and num_classes must be positive, got {embedding_size}, {num_classes}"
             )
+        if init not in CENTRE_INITS:
+            raise ValueError(
+                f"{type(self).__name__}: init must be one of {', '.join(CENTRE_INITS)}, got {init!r}"
+            )
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.s = s
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+        self.init = init
+        self.weight = nn.Parameter(init_centres(torch.empty(num_classes, embedding_size), init))
 
     def check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         check_inputs(type(self).__name__, embeddings, labels, self.embedding_size, self.num_classes)
@@ -108,7 +146,8 @@ class MarginHead(nn.Module):
         return cos.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
 
     def extra_repr(self) -> str:
-        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}"
+        sizes = f"embedding_size={self.embedding_size}, num_classes={self.num_classes}"
+        return f"{sizes}, s={self.s}, init={self.init}"
 
 
 @HEADS.register("softmax")
@@ -123,8 +162,15 @@ class NormSoftmax(MarginHead):
 class CosFace(MarginHead):
     """Target logit s * (cos(theta_y) - m)."""
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4) -> None:
-        super().__init__(embedding_size, num_classes, s)
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.4,
+        init: str = "normal_0.01",
+    ) -> None:
+        super().__init__(embedding_size, num_classes, s, init)
         self.m = m
 
     def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
@@ -132,7 +178,11 @@ class CosFace(MarginHead):
 
 
 def arc_margin(cos_y: torch.Tensor, m: float | torch.Tensor) -> torch.Tensor:
-    """cos(theta + m) from cos(theta) with exact gradient: s * sin(theta + m) / sin(theta) per unit s."""
+    """cos(theta + m) from cos(theta) with its exact gradient sin(theta + m) / sin(theta) w.r.t. cos(theta).
+
+    That gradient changes sign at theta = pi - m: beyond it the target logit *grows* with theta, so the loss
+    pushes the sample further from its own centre. The ``fallback`` and ``clip`` ArcFace variants exist to
+    avoid this."""
     return torch.cos(torch.acos(cos_y) + m)
 
 
@@ -152,7 +202,9 @@ class _StraightThroughArc(torch.autograd.Function):
 class ArcFace(MarginHead):
     """Target logit s * cos(theta_y + m) in one of four variants (docs/methods.md §3.2):
 
-    * ``exact`` (default): cos(theta + m) with its true gradient, s*sin(theta+m)/sin(theta) w.r.t. cos;
+    * ``exact`` (default): cos(theta + m) with its true gradient, s*sin(theta+m)/sin(theta) w.r.t. cos. For
+      theta > pi - m that gradient reverses its sign (cos(theta + m) rises again past theta + m = pi), so a
+      sample that far from its centre is pushed further away; ``clip`` and ``fallback`` exist for this;
     * ``clip``: theta + m clipped to [eps, pi - eps] (AdaFace);
     * ``fallback``: cos(theta + m) if cos(theta) > cos(pi - m), else cos(theta) - m*sin(m), keeping the logit
       monotonic in theta (evoLVe / CurricularFace); ``easy_margin`` applies the margin only where cos > 0;
@@ -170,8 +222,9 @@ class ArcFace(MarginHead):
         m: float = 0.5,
         variant: str = "exact",
         easy_margin: bool = False,
+        init: str = "normal_0.01",
     ) -> None:
-        super().__init__(embedding_size, num_classes, s)
+        super().__init__(embedding_size, num_classes, s, init)
         if variant not in self.VARIANTS:
             raise ValueError(f"arcface variant must be one of {', '.join(self.VARIANTS)}, got {variant!r}")
         if easy_margin and variant != "fallback":
@@ -201,7 +254,12 @@ def fallback_arc(cos_y: torch.Tensor, m: float, easy_margin: bool = False) -> to
 
 @HEADS.register("combined")
 class CombinedMargin(MarginHead):
-    """insightface's combined margin: target s * (cos(m1 * theta_y + m2) - m3)."""
+    """insightface's combined margin: target s * (cos(m1 * theta_y + m2) - m3).
+
+    Its gradient is exact, like ArcFace's ``exact`` variant, and reverses its sign in the same way: for
+    m1 * theta_y + m2 > pi, i.e. theta_y > (pi - m2) / m1, the target logit rises with theta_y and the loss
+    pushes the sample away from its centre (no fallback here).
+    """
 
     def __init__(
         self,
@@ -211,8 +269,9 @@ class CombinedMargin(MarginHead):
         m1: float = 1.0,
         m2: float = 0.5,
         m3: float = 0.0,
+        init: str = "normal_0.01",
     ) -> None:
-        super().__init__(embedding_size, num_classes, s)
+        super().__init__(embedding_size, num_classes, s, init)
         self.m1, self.m2, self.m3 = m1, m2, m3
 
     def margin(self, cos: Tensor, labels: Tensor, norms: Tensor, cos_y_all: Tensor | None = None) -> Tensor:
@@ -224,11 +283,19 @@ class CombinedMargin(MarginHead):
 class CurricularFace(MarginHead):
     """ArcFace-with-fallback positives; hard negatives (cos_j > cos(theta_y + m)) get cos_j * (t + cos_j).
 
-    ``t`` is a buffer, an EMA of the batch-mean target cosine: t <- 0.01 * mean(cos_y) + 0.99 * t.
+    ``t`` is a buffer, an EMA of the batch-mean target cosine: t <- 0.01 * mean(cos_y) + 0.99 * t. The
+    centres start N(0, 0.01), as in the CurricularFace repository (head/metrics.py).
     """
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5) -> None:
-        super().__init__(embedding_size, num_classes, s)
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        init: str = "normal_0.01",
+    ) -> None:
+        super().__init__(embedding_size, num_classes, s, init)
         self.m = m
         self.register_buffer("t", torch.zeros(()))
 
@@ -248,7 +315,9 @@ class CurricularFace(MarginHead):
 class MagFace(MarginHead):
     """Magnitude-aware margin: a = clamp(|f|, l_a, u_a), m(a) linear from l_m to u_m, target
     s * cos(theta_y + m(a)) (easy margin). :meth:`regularizer` gives g(a) = a / u_a^2 + 1 / a, added to the
-    loss with weight ``lambda_g``."""
+    loss with weight ``lambda_g``. The centres start unit-length, as MagFace's ``MagLinear``
+    (models/magface.py).
+    """
 
     def __init__(
         self,
@@ -260,8 +329,9 @@ class MagFace(MarginHead):
         l_m: float = 0.45,
         u_m: float = 0.8,
         lambda_g: float = 35.0,
+        init: str = "unit",
     ) -> None:
-        super().__init__(embedding_size, num_classes, s)
+        super().__init__(embedding_size, num_classes, s, init)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = l_a, u_a, l_m, u_m, lambda_g
 
     def margin_of(self, norms: torch.Tensor) -> torch.Tensor:
@@ -285,7 +355,8 @@ class AdaFace(MarginHead):
 
     z = clip(h (n - mu) / (sigma + 1e-3), -1, 1) from the detached norm n and EMA batch statistics
     (mu, sigma); target s * [cos(clip(theta_y - m z, eps, pi - eps)) - g_add] with
-    g_add = add_scale * m * (1 + z). ``add_scale`` is 1 for AdaFace and 0.7 for FRABSM.
+    g_add = add_scale * m * (1 + z). ``add_scale`` is 1 for AdaFace and NFRABSM, 0.7 for FRABSM. The centres
+    start unit-length, as in AdaFace's head.py.
     """
 
     def __init__(
@@ -297,8 +368,9 @@ class AdaFace(MarginHead):
         h: float = 0.333,
         t_alpha: float = 0.01,
         add_scale: float = 1.0,
+        init: str = "unit",
     ) -> None:
-        super().__init__(embedding_size, num_classes, s)
+        super().__init__(embedding_size, num_classes, s, init)
         self.m, self.h, self.t_alpha, self.add_scale = m, h, t_alpha, add_scale
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
@@ -321,19 +393,21 @@ class AdaFace(MarginHead):
 
 @HEADS.register("frabsm")
 def frabsm(embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
-           t_alpha: float = 0.01, add_scale: float = 0.7) -> AdaFace:  # fmt: skip
-    """FRABSM head: AdaFace with the additive margin scaled by 0.7 (docs/methods.md §3.7)."""
-    return AdaFace(embedding_size, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, add_scale=add_scale)
+           t_alpha: float = 0.01, add_scale: float = 0.7, init: str = "unit") -> AdaFace:  # fmt: skip
+    """FRABSM head: AdaFace with the additive margin scaled by 0.7 (docs/methods.md §3.7), as the FRABSM
+    repository's head.py has it since commit c708290 (Xkf0/FRABSM)."""
+    return AdaFace(
+        embedding_size, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, add_scale=add_scale, init=init
+    )
 
 
 @HEADS.register("nfrabsm")
 def nfrabsm(embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
-            t_alpha: float = 0.01) -> AdaFace:  # fmt: skip
-    """NFRABSM preset: the FRABSM head *without* the 0.7 factor on the additive margin (add_scale 1.0).
+            t_alpha: float = 0.01, init: str = "unit") -> AdaFace:  # fmt: skip
+    """NFRABSM: the FRABSM head *without* the 0.7 factor on the additive margin (add_scale 1.0).
 
-    No public commit defines NFRABSM (docs/methods.md §3.7). The two plausible readings are "the head without
-    the 0.7 factor" (the first FRABSM commit) and "the alpha > 1 normalised mining weight". This preset is
-    the head-side reading; the loss-side reading is the ``frabsm_weight`` loss with alpha > 1, so either
-    (or both together) can be trained until the paper settles the definition.
+    This is the head of the FRABSM repository's first commit (Xkf0/FRABSM a420194, head.py, class
+    ``SmaFace``): g_add = m + m z, unscaled; commit c708290 later multiplied it by 0.7 (FRABSM). The mining
+    weight on the loss (``frabsm_weight``, any ``alpha``) is set separately and combines with either head.
     """
-    return AdaFace(embedding_size, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, add_scale=1.0)
+    return AdaFace(embedding_size, num_classes, s=s, m=m, h=h, t_alpha=t_alpha, add_scale=1.0, init=init)

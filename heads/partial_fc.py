@@ -12,6 +12,12 @@ process holding all classes (tested with 2 gloo ranks). Each rank's backbone gra
 global loss through its own samples, so a DDP loop must *sum* them over ranks
 (``core.distributed.register_sum_hook``), not average them.
 
+``interclass_filtering_threshold > 0`` is arcface_torch's inter-class filtering (robust Partial FC,
+``CombinedMarginLoss`` in losses.py, default 0 = off): a non-target cosine above the threshold is taken for
+a label-noise duplicate of the sample's own identity and replaced by 0 with no gradient, before the head's
+margin, so its logit is 0 and this sample does not push that class away (miners see the same zeroed
+cosine).
+
 ``state_dict`` is unsharded (every rank must call it: it gathers the shards) and ``load_state_dict``
 takes an unsharded one, so a checkpoint moves between world sizes.
 """
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 
 from core.distributed import all_gather_padded, all_gather_with_grad, all_reduce, get_rank, get_world_size
-from heads.margin import MarginHead, check_inputs, compute_dtype
+from heads.margin import MarginHead, check_inputs, compute_dtype, init_centres
 from heads.registry import HEADS
 
 
@@ -73,6 +79,10 @@ class PartialFC(nn.Module):
         head: name of a registered margin head; ``head_params`` go to its constructor.
         embedding_size, num_classes: of the whole classifier.
         sample_rate: fraction of this rank's classes scored per step (positives are always kept).
+        init_seed: draw the initial centres (the head's ``init``) per block of classes from this seed, so
+            the classifier starts the same at any world size; None keeps the head's own draw.
+        interclass_filtering_threshold: non-target cosines above it are zeroed (0 = off, arcface_torch's
+            default; its noisy-WebFace12M configs use 0.4).
     """
 
     INIT_BLOCK = 4096  # classes per independently seeded block of the initial centres
@@ -84,11 +94,18 @@ class PartialFC(nn.Module):
         num_classes: int,
         sample_rate: float = 1.0,
         init_seed: int | None = None,
+        interclass_filtering_threshold: float = 0.0,
         **head_params: Any,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not 0.0 <= interclass_filtering_threshold < 1.0:
+            raise ValueError(
+                f"interclass_filtering_threshold must be in [0, 1) (0 turns the filter off), "
+                f"got {interclass_filtering_threshold}"
+            )
+        self.interclass_filtering_threshold = interclass_filtering_threshold
         self.embedding_size, self.num_classes, self.sample_rate = embedding_size, num_classes, sample_rate
         self.rank, self.world_size = get_rank(), get_world_size()
         self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world_size)
@@ -106,13 +123,13 @@ class PartialFC(nn.Module):
 
     @torch.no_grad()
     def _init_shard(self, seed: int) -> None:
-        """N(0, 0.01) centres drawn per block of classes from ``(seed, block)``: the classifier starts the
-        same whatever the number of ranks, and no rank ever draws more than its own blocks."""
+        """Centres drawn with the head's ``init`` per block of classes from ``(seed, block)``: the classifier
+        starts the same whatever the number of ranks, and no rank ever draws more than its own blocks."""
         first, last = self.class_start, self.class_start + self.num_local
         for block in range(first // self.INIT_BLOCK, (last - 1) // self.INIT_BLOCK + 1):
             g = torch.Generator().manual_seed(seed * 1_000_003 + block)
             lo = block * self.INIT_BLOCK
-            rows = torch.normal(0.0, 0.01, (self.INIT_BLOCK, self.embedding_size), generator=g)
+            rows = init_centres(torch.empty(self.INIT_BLOCK, self.embedding_size), self.head.init, g)
             a, b = max(first, lo), min(last, lo + self.INIT_BLOCK)
             self.head.weight[a - first : b - first] = rows[a - lo : b - lo]
 
@@ -140,6 +157,8 @@ class PartialFC(nn.Module):
                 index = None
             self.last_index = index
             cos = self.head.cosine(all_embeddings, weight)
+            if self.interclass_filtering_threshold > 0:
+                cos = self._filter_interclass(cos, local)
             if self.keep_cosines:
                 self._last_cos = (cos.detach(), local, index)
             here = local >= 0
@@ -148,6 +167,15 @@ class PartialFC(nn.Module):
             self.last_target_cos = cos_y_all
             logits = self.head.logits(cos, local, all_embeddings.norm(dim=1), cos_y_all)
             return _ShardedCrossEntropy.apply(logits, local), all_labels
+
+    def _filter_interclass(self, cos: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """``cos`` with every non-target entry above the threshold multiplied by 0 (a constant mask, so no
+        gradient flows through those entries). A sample whose class lives on another rank has no target
+        column here, so all its entries are candidates."""
+        with torch.no_grad():
+            target = torch.arange(cos.shape[1], device=cos.device) == local.unsqueeze(1)
+            keep = (cos <= self.interclass_filtering_threshold) | target
+        return cos * keep.to(cos.dtype)
 
     def _sample(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local class indices to score (all positives + random negatives) and the labels remapped."""

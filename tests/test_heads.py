@@ -104,6 +104,27 @@ def test_exact_and_straight_through_gradients_wrt_cos(theta):
         assert cos.grad[0, 1:].abs().sum() == 0
 
 
+@pytest.mark.parametrize(
+    ("name", "kw", "reversal"),
+    [
+        ("arcface", {"variant": "exact"}, math.pi - 0.5),
+        ("combined", {"m1": 1.0, "m2": 0.5, "m3": 0.0}, math.pi - 0.5),
+        ("combined", {"m1": 1.2, "m2": 0.3, "m3": 0.1}, (math.pi - 0.3) / 1.2),
+        ("arcface", {"variant": "fallback"}, None),
+        ("arcface", {"variant": "straight_through"}, None),
+    ],
+)
+def test_exact_margins_reverse_the_target_gradient_past_pi(name, kw, reversal):
+    # d logit / d cos(theta_y) > 0 pulls a sample towards its centre; the exact forms flip it past the point
+    # where the margined angle reaches pi (the documented reason for the fallback variants)
+    h = head(name, **kw)
+    for theta in (0.3, 1.5, 2.35, 2.5, 2.8, 3.0):
+        cos = torch.tensor([[math.cos(theta), 0.1, -0.2]], dtype=torch.float64, requires_grad=True)
+        h.margin(cos, torch.tensor([0]), torch.ones(1, dtype=torch.float64))[0, 0].backward()
+        pulls = cos.grad[0, 0].item() > 0
+        assert pulls == (reversal is None or theta < reversal), (theta, cos.grad[0, 0].item())
+
+
 def test_curricularface_hard_negatives_and_t_update():
     h = head("curricularface")
     with torch.no_grad():
@@ -238,3 +259,108 @@ def test_bad_inputs_name_value_and_limit():
         h(torch.tensor([[float("nan")] * 4, [1.0] * 4]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="variant must be one of"):
         build_head("arcface", embedding_size=4, num_classes=3, variant="fast")
+
+
+# -- initial class centres --------------------------------------------------------------------------------
+
+# the initialisation of each head's reference implementation: arcface_torch partial_fc_v2.py and
+# CurricularFace head/metrics.py draw N(0, 0.01); AdaFace head.py, FRABSM head.py and MagFace
+# models/magface.py draw uniform(-1, 1) and renormalise every class to length 1
+PEER_INIT = {
+    "softmax": "normal_0.01",
+    "cosface": "normal_0.01",
+    "arcface": "normal_0.01",
+    "combined": "normal_0.01",
+    "curricularface": "normal_0.01",
+    "magface": "unit",
+    "adaface": "unit",
+    "frabsm": "unit",
+    "nfrabsm": "unit",
+}
+
+
+def kurtosis(x: torch.Tensor) -> float:
+    x = x - x.mean()
+    return float((x**4).mean() / (x**2).mean() ** 2)
+
+
+def assert_centres_drawn(weight: torch.Tensor, init: str) -> None:
+    """Row lengths and the shape of the entries' distribution (kurtosis 3 for a normal, 1.8 for a uniform)."""
+    w = weight.detach().double()
+    dim = w.shape[1]
+    norms = w.norm(dim=1)
+    if init == "unit":
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-6, atol=1e-6)
+        # every row is a uniform(-1, 1) vector divided by its length, close to sqrt(dim / 3)
+        scaled = w * math.sqrt(dim / 3)
+        assert scaled.abs().max() < 1.5  # a normal's extremes would reach 2.5
+        assert kurtosis(scaled) == pytest.approx(1.8, abs=0.05)
+    else:
+        assert w.std().item() == pytest.approx(0.01, rel=0.02)
+        assert abs(w.mean().item()) < 5 * 0.01 / math.sqrt(w.numel())
+        assert norms.mean().item() == pytest.approx(0.01 * math.sqrt(dim), rel=0.02)
+        assert kurtosis(w) == pytest.approx(3.0, abs=0.1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_centre_init_is_the_reference_implementations(name):
+    torch.manual_seed(0)
+    h = build_head(name, embedding_size=128, num_classes=400)
+    assert h.init == PEER_INIT[name]
+    assert_centres_drawn(h.weight, PEER_INIT[name])
+
+
+@pytest.mark.parametrize(
+    ("name", "init"), [("arcface", "unit"), ("adaface", "normal_0.01"), ("nfrabsm", "normal_0.01")]
+)
+def test_centre_init_can_be_chosen(name, init):
+    torch.manual_seed(1)
+    h = build_head(name, embedding_size=128, num_classes=400, init=init)
+    assert_centres_drawn(h.weight, init)
+
+
+def test_unknown_centre_init_is_refused():
+    with pytest.raises(ValueError, match=r"AdaFace: init must be one of normal_0.01, unit, got 'xavier'"):
+        build_head("adaface", embedding_size=4, num_classes=3, init="xavier")
+
+
+# -- FRABSM heads against the FRABSM repository's own definition --------------------------------------------
+
+
+def frabsm_repository_logits(
+    embeddings: torch.Tensor, labels: torch.Tensor, kernel: torch.Tensor, state: dict, add_factor: float
+) -> torch.Tensor:
+    """The FRABSM repository's head.py forward, written from its definition (Xkf0/FRABSM): first commit
+    a420194 (class SmaFace, additive term m + m z) and, from commit c708290 on, that term times 0.7. The
+    embedding arrives normalised with its norm beside it; ``kernel`` is E x C; ``state`` holds the EMA
+    statistics, updated in place at every call."""
+    m, h, s, t_alpha, eps = 0.4, 0.333, 64.0, 0.01, 1e-3
+    norms = embeddings.norm(dim=1, keepdim=True)
+    cosine = (embeddings / norms) @ (kernel / kernel.norm(dim=0, keepdim=True))
+    cosine = cosine.clamp(-1 + eps, 1 - eps)
+    safe_norms = norms.clamp(0.001, 100).detach()
+    state["mean"] = safe_norms.mean() * t_alpha + (1 - t_alpha) * state["mean"]
+    state["std"] = safe_norms.std() * t_alpha + (1 - t_alpha) * state["std"]
+    scaler = ((safe_norms - state["mean"]) / (state["std"] + eps) * h).clamp(-1, 1)
+    onehot = torch.zeros_like(cosine).scatter_(1, labels.view(-1, 1), 1.0)
+    theta = cosine.acos()
+    cosine = (theta + onehot * (-m * scaler)).clamp(eps, math.pi - eps).cos()
+    cosine = cosine - onehot * (m + m * scaler) * add_factor
+    return cosine * s
+
+
+@pytest.mark.parametrize(("name", "add_factor"), [("nfrabsm", 1.0), ("frabsm", 0.7)])
+def test_frabsm_heads_equal_the_repository_definition(name, add_factor):
+    g = torch.Generator().manual_seed(3)
+    h = build_head(name, embedding_size=16, num_classes=9).double().train()
+    state = {"mean": torch.tensor(20.0, dtype=torch.float64), "std": torch.tensor(100.0, dtype=torch.float64)}
+    for step in range(3):  # the EMA statistics move from step to step: the margins must follow them
+        labels = torch.randint(0, 9, (12,), generator=g)
+        embeddings = torch.randn(12, 16, generator=g, dtype=torch.float64) * (5 + 10 * step)
+        expected = frabsm_repository_logits(embeddings, labels, h.weight.detach().T, state, add_factor)
+        cos = torch.nn.functional.normalize(embeddings) @ torch.nn.functional.normalize(h.weight.detach()).T
+        assert cos.abs().max() < 1 - 1e-3  # the repository clamps cos to 1 -+ 1e-3, we to 1 -+ 1e-7
+        out = h(embeddings, labels)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10 * S)
+        torch.testing.assert_close(h.batch_mean, state["mean"].reshape(()), rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(h.batch_std, state["std"].reshape(()), rtol=1e-12, atol=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import socket
 from pathlib import Path
 
@@ -48,11 +49,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str, name: str, params: dict, sample_rate: float) -> None:
+def _worker(
+    rank: int, port: int, out: str, name: str, params: dict, sample_rate: float, filtering: float
+) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         weight, x, y = problem()
-        pfc = PartialFC(name, E, C, sample_rate=sample_rate, **params).double().train()
+        pfc = PartialFC(name, E, C, sample_rate, interclass_filtering_threshold=filtering, **params)
+        pfc = pfc.double().train()
         state = {"weight": weight}
         if name == "curricularface":
             state["t"] = torch.tensor(0.2, dtype=torch.float64)
@@ -78,8 +82,11 @@ def _worker(rank: int, port: int, out: str, name: str, params: dict, sample_rate
         dist.destroy_process_group()
 
 
-def run_two_ranks(tmp_path: Path, name: str, params: dict, sample_rate: float = 1.0) -> list[dict]:
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), name, params, sample_rate), nprocs=WORLD, join=True)
+def run_two_ranks(
+    tmp_path: Path, name: str, params: dict, sample_rate: float = 1.0, filtering: float = 0.0
+) -> list[dict]:
+    args = (free_port(), str(tmp_path), name, params, sample_rate, filtering)
+    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -157,6 +164,11 @@ def test_bad_inputs():
         pfc(torch.randn(2, E), torch.tensor([0, 11]))
     with pytest.raises(ValueError, match="sample_rate must be in"):
         PartialFC("arcface", E, C, sample_rate=0.0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(
+            ValueError, match=rf"interclass_filtering_threshold must be in \[0, 1\).*got {bad}"
+        ):
+            PartialFC("arcface", E, C, interclass_filtering_threshold=bad)
     with pytest.raises(ValueError, match=r"checkpoint weight of shape \(3, 8\)"):
         pfc.load_state_dict({"weight": torch.zeros(3, E)})
 
@@ -233,3 +245,119 @@ def test_losses_on_sharded_cross_entropy_equal_full_logits(tmp_path, loss_name, 
     torch.testing.assert_close(
         opt.state[one.head.weight]["momentum_buffer"], ref_opt.state[head.weight]["momentum_buffer"]
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "init"), [("arcface", "normal_0.01"), ("adaface", "unit"), ("adaface", "normal_0.01")]
+)
+def test_seeded_centres_follow_the_head_init_at_any_world_size(monkeypatch, name, init):
+    import heads.partial_fc as partial_fc
+
+    monkeypatch.setattr(PartialFC, "INIT_BLOCK", 4)  # several seeded blocks, cut differently by the shards
+
+    def all_shards(world: int) -> torch.Tensor:
+        parts = []
+        for rank in range(world):
+            monkeypatch.setattr(partial_fc, "get_rank", lambda r=rank: r)
+            monkeypatch.setattr(partial_fc, "get_world_size", lambda w=world: w)
+            parts.append(PartialFC(name, 256, C, init_seed=7, init=init).head.weight.detach())
+        return torch.cat(parts)
+
+    one = all_shards(1)
+    torch.testing.assert_close(all_shards(3), one, rtol=0, atol=0)
+    norms = one.double().norm(dim=1)
+    if init == "unit":
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-6, atol=1e-6)
+    else:
+        assert one.double().std().item() == pytest.approx(0.01, rel=0.05)
+        assert norms.mean().item() == pytest.approx(0.01 * math.sqrt(256), rel=0.05)
+
+
+# -- inter-class filtering (arcface_torch) ------------------------------------------------------------------
+
+FILTER = 0.2  # on problem(): about a quarter of the non-target cosines lie above it, and two targets
+
+
+def arcface_torch_filtered_loss(
+    weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threshold: float, margin: str, s: float = 64.0
+) -> torch.Tensor:
+    """arcface_torch's CombinedMarginLoss (losses.py) with ``interclass_filtering_threshold`` and the mean
+    softmax cross-entropy of PartialFC_V2, written from their definitions for one process holding every
+    class: non-target cosines above the threshold are multiplied by a no-grad 0; then ArcFace (m1 1,
+    m2 0.5, m3 0: arccos, + m at the target, cos, all without gradient) or CosFace (m3 0.4 subtracted at
+    the target)."""
+    cos = (F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T).clamp(-1, 1)
+    rows = torch.arange(len(y))
+    if threshold > 0:
+        with torch.no_grad():
+            dirty = (cos > threshold).to(cos.dtype)
+            dirty[rows, y] = 0.0  # every label is on this one process
+        cos = (1.0 - dirty) * cos
+    if margin == "arcface":
+        with torch.no_grad():
+            theta = cos.acos()
+            theta[rows, y] += 0.5
+            shift = theta.cos() - cos  # the in-place rewrite changes the values, not the gradient
+        logits = cos + shift
+    else:
+        logits = cos - 0.4 * F.one_hot(y, cos.shape[1]).to(cos.dtype)
+    return F.cross_entropy(s * logits, y)
+
+
+FILTER_HEADS = [("arcface", {"variant": "straight_through"}, "arcface"), ("cosface", {"m": 0.4}, "cosface")]
+
+
+def filtered_reference(margin: str) -> dict[str, torch.Tensor]:
+    weight, x, y = problem()
+    weight, x = weight.clone().requires_grad_(), x.clone().requires_grad_()
+    loss = arcface_torch_filtered_loss(weight, x, y, FILTER, margin)
+    loss.backward()
+    unfiltered = arcface_torch_filtered_loss(weight.detach(), x.detach(), y, 0.0, margin)
+    assert abs(loss.item() - unfiltered.item()) > 0.1 * abs(unfiltered.item())  # the filter matters here
+    return {"loss": loss.detach(), "x_grad": x.grad, "w_grad": weight.grad}
+
+
+def test_filter_threshold_splits_the_test_problem():
+    weight, x, y = problem()
+    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).T
+    target = F.one_hot(y, C).bool()
+    assert (cos[~target] > FILTER).sum() >= 10 and (cos[~target] <= FILTER).sum() >= 10
+    assert (cos[target] > FILTER).sum() >= 2  # targets above the threshold must stay untouched
+
+
+@pytest.mark.parametrize(("name", "params", "margin"), FILTER_HEADS)
+def test_interclass_filtering_equals_arcface_torch_single_process(name, params, margin):
+    ref = filtered_reference(margin)
+    weight, x, y = problem()
+    pfc = PartialFC(name, E, C, interclass_filtering_threshold=FILTER, **params).double().train()
+    pfc.load_state_dict({"weight": weight})
+    x = x.clone().requires_grad_()
+    loss = pfc(x, y)
+    loss.backward()
+    scale = ref["loss"].abs().item()
+    torch.testing.assert_close(loss, ref["loss"], rtol=1e-9, atol=1e-9 * scale)
+    for ours, theirs in ((x.grad, ref["x_grad"]), (pfc.head.weight.grad, ref["w_grad"])):
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize(("name", "params", "margin"), FILTER_HEADS)
+def test_interclass_filtering_two_gloo_ranks_equal_arcface_torch(tmp_path, name, params, margin):
+    ref = filtered_reference(margin)
+    results = run_two_ranks(tmp_path, name, params, filtering=FILTER)
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res["loss"], ref["loss"], rtol=1e-6, atol=1e-6 * ref["loss"].abs().item())
+        x_grad = ref["x_grad"][rank * B : (rank + 1) * B]
+        torch.testing.assert_close(res["x_grad"], x_grad, rtol=1e-5, atol=1e-6 * x_grad.abs().max().item())
+        start, n = shard_range(C, rank, WORLD)
+        w_grad = ref["w_grad"][start : start + n]
+        torch.testing.assert_close(res["w_grad"], w_grad, rtol=1e-5, atol=1e-6 * w_grad.abs().max().item())
+
+
+def test_interclass_filtering_key_reaches_partial_fc():
+    from core.config import load_config
+    from train import build_classifier
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "base.yaml", ["head.interclass_filtering_threshold=0.4"])
+    assert build_classifier(cfg, num_classes=C).interclass_filtering_threshold == 0.4
+    assert load_config(root / "configs" / "base.yaml").head.interclass_filtering_threshold == 0.0
