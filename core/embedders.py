@@ -1,14 +1,18 @@
 """Embedders from files: a checkpoint of ours, an insightface ``model.pt`` state dict, or an ONNX model.
 
 An embedder maps a uint8 RGB batch (N, 3, 112, 112) to float32 features (N, D); each knows the colour order
-its network expects and converts on the way in, so callers always hand over RGB.
+and the input scaling its network expects and converts on the way in, so callers always hand over RGB
+pixels. ``embedder.normalization`` names the scaling (stored beside every evaluator's numbers).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +21,10 @@ from torch import nn
 
 from backbones import build_backbone
 from backbones.common import PRECISIONS, check_precision
-from core.checkpoint import load_checkpoint
+from core.checkpoint import NORMALIZATION, load_checkpoint
 from data.transforms import normalize_batch
+
+DEFAULT_INPUT = (127.5, 127.5)  # (mean, std) of (x - mean) / std on pixels 0..255: NORMALIZATION
 
 
 class TorchEmbedder:
@@ -29,6 +35,8 @@ class TorchEmbedder:
     their embedding layer (FC + BN) in fp32 under it, as in training. It applies on any device it is asked
     for (CPU autocast supports bf16), so a CPU run stays fp32 unless told otherwise.
     """
+
+    normalization = NORMALIZATION
 
     def __init__(
         self,
@@ -53,24 +61,122 @@ class TorchEmbedder:
             return self.model(x).float().cpu()
 
 
-class OnnxEmbedder:
-    """An ONNX model run by onnxruntime on ``(x - 127.5) / 127.5`` input in ``color`` order (the
-    insightface convention; the colour comes from the model's ``color`` metadata when it has one)."""
+@dataclass(frozen=True)
+class InputScaling:
+    """Network input ``(x - mean) / std`` of pixels ``x`` in 0..255, and why it was chosen."""
 
-    def __init__(self, path: str | os.PathLike[str], color: str | None = None) -> None:
+    mean: float
+    std: float
+    reason: str
+
+    @property
+    def description(self) -> str:
+        if (self.mean, self.std) == DEFAULT_INPUT:
+            return NORMALIZATION
+        return f"(x - {self.mean:g}) / {self.std:g}"
+
+
+def folded_normalization(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """The two nodes of a normalisation folded into the head of an ONNX graph, or None.
+
+    insightface's model zoo (``ArcFaceONNX``) feeds raw pixels to a model when its first 8 nodes include
+    one named ``Sub*``/``_minus*`` and one named ``Mul*``/``_mul*`` (mxnet's ``_minusscalar0``,
+    ``_mulscalar0``); that rule is applied as it is. Exporters that name nodes otherwise (PyTorch writes
+    ``/Sub``, ``/Mul``; the onnx helper API leaves names empty) are recognised by the operators instead:
+    within the first 8 nodes, a Sub or Mul that reads the graph input, followed by the other one reading
+    its output."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    head = list(graph.node[:8])
+    named = {
+        op: next((n for n in head if n.name.startswith(prefixes)), None)
+        for op, prefixes in (("Sub", ("Sub", "_minus")), ("Mul", ("Mul", "_mul")))
+    }
+    if named["Sub"] is not None and named["Mul"] is not None:
+        return named["Sub"].name, named["Mul"].name
+    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    for first in head:
+        if first.op_type in ("Sub", "Mul") and inputs & set(first.input):
+            other = "Mul" if first.op_type == "Sub" else "Sub"
+            second = next((n for n in head if n.op_type == other and set(first.output) & set(n.input)), None)
+            if second is not None:
+                return first.name or first.op_type, second.name or second.op_type
+    return None
+
+
+def onnx_input_scaling(
+    path: str | os.PathLike[str],
+    metadata: dict[str, str],
+    mean: float | None = None,
+    std: float | None = None,
+) -> InputScaling:
+    """The input scaling of an ONNX model: ``mean``/``std`` when given (both), else the ``normalization``
+    entry of its metadata (written by ``scripts/export_onnx.py``), else a Sub/Mul head in its graph
+    (:func:`folded_normalization`: raw pixels, mean 0, std 1), else insightface's default 127.5 / 127.5."""
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise ValueError(f"{path}: give both the input mean and std (--input-mean M --input-std S)")
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ValueError(f"{path}: input mean {mean} and std {std} must be finite, the std positive")
+        return InputScaling(float(mean), float(std), "given with --input-mean/--input-std")
+    value = metadata.get("normalization")
+    if value is not None:
+        said = f"its metadata says normalization = {value!r}"
+        if value.strip().lower().startswith("none"):
+            return InputScaling(0.0, 1.0, said)
+        if value.replace(" ", "") in {NORMALIZATION.replace(" ", ""), "(x-127.5)/127.5"}:
+            return InputScaling(*DEFAULT_INPUT, said)
+        raise ValueError(
+            f"{path}: metadata normalization = {value!r} is neither {NORMALIZATION!r} nor 'none: ...' "
+            "(raw pixels); give the input scaling with --input-mean and --input-std"
+        )
+    nodes = folded_normalization(path)
+    if nodes is not None:
+        return InputScaling(0.0, 1.0, f"its graph opens with {nodes[0]} and {nodes[1]}, a folded scaling")
+    return InputScaling(*DEFAULT_INPUT, "no normalization metadata and no Sub/Mul at the head of its graph")
+
+
+class OnnxEmbedder:
+    """An ONNX model run by onnxruntime on ``(x - mean) / std`` of the pixels in ``color`` order.
+
+    The colour comes from the model's ``color`` metadata when it has one (else rgb). The scaling is
+    ``input_mean``/``input_std`` when given, else read from the model (:func:`onnx_input_scaling`): raw
+    pixels for a model whose normalisation is folded into its graph (``scripts/export_onnx.py
+    --fold-normalization``, insightface's mxnet conversions), ``(x - 127.5) / 127.5`` otherwise. One line on
+    stderr says which scaling was chosen and why (``verbose=False`` keeps it quiet).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        color: str | None = None,
+        input_mean: float | None = None,
+        input_std: float | None = None,
+        verbose: bool = True,
+    ) -> None:
         import onnxruntime
 
         self.path, self.precision = Path(path), "fp32"
         self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.color = color or meta.get("color", "rgb")
+        self.scaling = onnx_input_scaling(self.path, meta, input_mean, input_std)
+        self.normalization = self.scaling.description
         self.input = self.session.get_inputs()[0].name
         side = self.session.get_inputs()[0].shape[-1]
         self.input_size = side if isinstance(side, int) else None  # faces are resized to a fixed input
+        if verbose:
+            print(f"{self.path.name}: input {self.normalization} of {self.color.upper()} pixels 0..255 "
+                  f"({self.scaling.reason})", file=sys.stderr)  # fmt: skip
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize_batch(torch.as_tensor(images), self.color, self.input_size).numpy()
-        return torch.from_numpy(np.asarray(self.session.run(None, {self.input: x})[0], dtype=np.float32))
+        x = normalize_batch(torch.as_tensor(images), self.color, self.input_size)  # (x - 127.5) / 127.5
+        mean, std = self.scaling.mean, self.scaling.std
+        if (mean, std) != DEFAULT_INPUT:  # the same affine map of the pixels, after any resize
+            x = x.mul_(127.5 / std).add_((127.5 - mean) / std)
+        out = self.session.run(None, {self.input: x.numpy()})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
 
 def load_embedder(
@@ -79,11 +185,14 @@ def load_embedder(
     color: str | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    input_mean: float | None = None,
+    input_std: float | None = None,
 ) -> TorchEmbedder | OnnxEmbedder:
     """An embedder for ``path``: ``.onnx`` files run with onnxruntime; a checkpoint of this framework
     carries its architecture and colour; any other state dict (insightface ``model.pt``) needs
     ``backbone`` (and ``color``, default rgb). ``precision`` (fp32 | bf16 | fp16) is the autocast of a
-    PyTorch model (see :class:`TorchEmbedder`); ONNX models run as exported."""
+    PyTorch model (see :class:`TorchEmbedder`); ONNX models run as exported. ``input_mean``/``input_std``
+    override the input scaling an ONNX model is fed (see :class:`OnnxEmbedder`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
@@ -91,7 +200,11 @@ def load_embedder(
     if path.suffix == ".onnx":
         if precision != "fp32":
             raise ValueError(f"{path}: precision {precision} is for PyTorch models; ONNX runs as exported")
-        return OnnxEmbedder(path, color)
+        return OnnxEmbedder(path, color, input_mean, input_std)
+    if input_mean is not None or input_std is not None:
+        raise ValueError(
+            f"{path}: --input-mean/--input-std are for ONNX models; PyTorch models get {NORMALIZATION}"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "format_version" in state:
         state = load_checkpoint(path)
@@ -127,7 +240,8 @@ def default_device() -> str:
 
 
 def add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model options every evaluator takes: ``--model --backbone --color --device --precision``."""
+    """The model options every evaluator takes: ``--model --backbone --color --device --precision``
+    ``--input-mean --input-std``."""
     parser.add_argument("--model", type=Path, required=True, help="checkpoint, insightface model.pt or .onnx")
     parser.add_argument("--backbone", help="architecture of a plain state dict (r50, r100, mbf, ...)")
     parser.add_argument(
@@ -138,18 +252,32 @@ def add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision", choices=list(PRECISIONS), default="fp32",
         help="autocast of a PyTorch model; bf16/fp16 are faster on GPU (default: fp32)",
     )  # fmt: skip
+    parser.add_argument(
+        "--input-mean", type=float, metavar="M",
+        help="ONNX models: feed (pixels - M) / S (0..255 pixels); default: read from the model "
+             "(its normalization metadata, a Sub/Mul head = 0 and 1), else 127.5 and 127.5",
+    )  # fmt: skip
+    parser.add_argument("--input-std", type=float, metavar="S", help="ONNX models: S of --input-mean")
 
 
 def embedder_from_args(args: argparse.Namespace) -> TorchEmbedder | OnnxEmbedder:
     """The embedder named by the options of :func:`add_embedder_arguments`."""
-    return load_embedder(args.model, args.backbone, args.color, args.device, args.precision)
+    return load_embedder(
+        args.model, args.backbone, args.color, args.device, args.precision,
+        getattr(args, "input_mean", None), getattr(args, "input_std", None),
+    )  # fmt: skip
 
 
 def embedder_key(path: str | os.PathLike[str], embedder: TorchEmbedder | OnnxEmbedder) -> str:
-    """A name for cached features: the model file (name, size, mtime), its colour and its precision."""
+    """A name for cached features: the model file (name, size, mtime), its colour, its precision and,
+    when it is not the default ``(x - 127.5) / 127.5``, its input scaling."""
     stat = Path(path).stat()
     key = f"{Path(path).stem}_{stat.st_size}_{int(stat.st_mtime)}_{embedder.color}"
-    return key if embedder.precision == "fp32" else f"{key}_{embedder.precision}"
+    key = key if embedder.precision == "fp32" else f"{key}_{embedder.precision}"
+    scaling = getattr(embedder, "scaling", None)
+    if scaling is not None and (scaling.mean, scaling.std) != DEFAULT_INPUT:
+        key += f"_in{scaling.mean:g}-{scaling.std:g}"
+    return key
 
 
 def run_settings(args: argparse.Namespace, embedder: TorchEmbedder | OnnxEmbedder, **extra: object) -> dict:
@@ -157,7 +285,7 @@ def run_settings(args: argparse.Namespace, embedder: TorchEmbedder | OnnxEmbedde
     order and precision, and the run's ``fusion``, ``batch_size`` and ``workers`` options (plus ``extra``)."""
     return {"model": str(args.model), "color": embedder.color, "precision": embedder.precision,
             "fusion": args.fusion, "batch_size": args.batch_size, "workers": args.workers,
-            "normalization": "(x/255 - 0.5) / 0.5", **extra}  # fmt: skip
+            "normalization": getattr(embedder, "normalization", NORMALIZATION), **extra}  # fmt: skip
 
 
 def settings_line(settings: dict) -> str:

@@ -62,9 +62,14 @@ def test_export_matches_pytorch_on_real_faces(checkpoint, tmp_path, shared_data,
     if fold:  # raw RGB pixels in, as insightface feeds models whose first nodes are Sub and Mul
         first = [n for n in model.graph.node[:8] if n.op_type in ("Sub", "Mul")]
         assert {n.name[:3] for n in first} == {"Sub", "Mul"}
-        got = OnnxEmbedder(out).session.run(None, {"data": faces.float().numpy()})[0]
-    else:
-        got = OnnxEmbedder(out)(faces).numpy()
+        raw = OnnxEmbedder(out).session.run(None, {"data": faces.float().numpy()})[0]
+        np.testing.assert_allclose(raw, expected.numpy(), atol=1e-4, rtol=1e-4)
+    capsys.readouterr()
+    got = OnnxEmbedder(out)(faces).numpy()  # the embedder reads the input scaling from the metadata
+    said = "(x - 0) / 1 of RGB" if fold else "(x/255 - 0.5) / 0.5 of BGR"
+    assert (
+        f"model.onnx: input {said} pixels 0..255 (its metadata says normalization" in capsys.readouterr().err
+    )
     assert got.shape == (32, 256)  # a batch size other than the one exported with
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
 

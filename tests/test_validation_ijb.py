@@ -471,6 +471,7 @@ def test_cli_with_pretrained_mobilefacenet(shared_data, tmp_path, capsys):
         ["N1D1F1", "1", "1", "1"], ["N0D1F1", "0", "1", "1"]]  # fmt: skip
     results = json.loads((out / "ijbc_mobilefacenet_paddle_128d.json").read_text())
     assert set(results["modes"]) == {"N1D1F1", "N0D1F1"} and results["settings"]["color"] == "bgr"
+    assert results["settings"]["normalization"] == "(x/255 - 0.5) / 0.5"  # the model's own, as it was fed
     for mode in results["modes"].values():  # a strong model on LFW people: near perfect
         assert mode["1:1"]["tar_at_far"]["0.1"] >= 0.8
         assert mode["1:N"]["rank"]["1"] >= 0.8 and mode["1:N"]["tpir_at_fpir"]["0.1"]["tpir"] >= 0.8

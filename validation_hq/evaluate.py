@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
     results["settings"] = {"model": str(args.model), "color": embed.color, "fusion": args.fusion,
-                           "batch_size": args.batch_size, "normalization": "(x/255 - 0.5) / 0.5",
+                           "batch_size": args.batch_size, "normalization": embed.normalization,
                            "precision": embed.precision}  # fmt: skip
     print(
         f"model {args.model}: {embed.color.upper()} input, flip fusion {args.fusion}, batch {args.batch_size}"

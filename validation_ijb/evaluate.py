@@ -308,12 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results["settings"] = {
         "model": str(args.model), "features": str(cache_file) if cache_file else None,
-        "alignment": ALIGNMENT, "normalization": "(x/255 - 0.5) / 0.5", "batch_size": args.batch_size,
+        "alignment": ALIGNMENT, "normalization": None, "batch_size": args.batch_size,
         "workers": args.workers, "weights": str(args.weights) if args.weights else None,
         "feature_seconds": round(seconds, 3),
     }  # fmt: skip
     if args.model.suffix != ".npz":
-        results["settings"] |= {"color": embed.color, "precision": embed.precision}
+        results["settings"] |= {"color": embed.color, "precision": embed.precision,
+                                "normalization": embed.normalization}  # fmt: skip
     table = format_table(results)
     print(f"{DATASETS[args.dataset][0]}: {about}, {len(meta.names)} images in {seconds:.1f} s; {ALIGNMENT}")
     print(table)
