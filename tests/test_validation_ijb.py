@@ -289,11 +289,53 @@ def test_meta_reader_on_valid_files_and_missing_ones(tmp_path):
     assert meta.galleries["G1"].templates.tolist() == [10] and meta.probes.subjects.tolist() == [1]
     assert meta.image_paths[0] == tmp_path / "IJBC" / "loose_crop" / "1.jpg"
     assert load_ijb(tmp_path / "IJBC", "ijbc", ("1:1",)).probes is None  # root may be the IJBC folder
+    assert meta.skipped == {}
     (tmp_path / "IJBC" / "meta" / "ijbc_1N_gallery_G2.csv").unlink()
     with pytest.raises(IJBMetaError, match=r"ijbc_1N_gallery_G2.csv: 1:N list not found"):
-        load_ijb(tmp_path, "ijbc")
+        load_ijb(tmp_path, "ijbc", ("1:1", "1:N"))  # asked for by name: an error
     with pytest.raises(IJBMetaError, match=r"no IJB meta found .*/ijbb_face_tid_mid.txt"):
         load_ijb(tmp_path, "ijbb")
+
+
+def test_protocols_without_their_files_are_skipped_unless_asked_for(tmp_path, capsys):
+    """insightface's 1:1 script needs no 1:N list: by default each protocol whose files are present runs and
+    each other one is named with its missing file; a protocol asked for by name must have its files."""
+    root = write_meta(tmp_path)
+    meta_dir = root / "IJBC" / "meta"
+    full = load_ijb(root, "ijbc")
+    rng = np.random.default_rng(8)
+    features = tmp_path / "features.npz"
+    evaluate.save_features(features, full, *rng.normal(size=(2, 4, 8)).astype(np.float32))
+    (meta_dir / "ijbc_1N_gallery_G1.csv").unlink()
+    (meta_dir / "ijbc_1N_probe_mixed.csv").unlink()
+    meta = load_ijb(root, "ijbc")
+    assert meta.pairs is not None and meta.probes is None and meta.galleries == {}
+    assert meta.skipped == {"1:N": meta_dir / "ijbc_1N_gallery_G1.csv"}
+    argv = ["--model", str(features), "--ijb-root", str(root), "--dataset", "ijbc",
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    printed = capsys.readouterr()
+    assert printed.err.splitlines() == [
+        f"evaluate: skipping 1:N: {meta_dir / 'ijbc_1N_gallery_G1.csv'} not found"
+    ]
+    assert "1:1 verification" in printed.out and "1:N" not in printed.out
+    results = json.loads((tmp_path / "o" / "ijbc_features.json").read_text())
+    assert set(results["modes"]["N1D1F1"]) == {"switches", "1:1"} and "1:N" in results["skipped"]
+    assert evaluate.main([*argv, "--protocols", "1:1", "1:N"]) == 2
+    assert "ijbc_1N_gallery_G1.csv: 1:N list not found" in capsys.readouterr().err
+    # the other way round: 1:N files only
+    (meta_dir / "ijbc_template_pair_label.txt").rename(tmp_path / "pairs.txt")
+    with pytest.raises(
+        IJBMetaError, match=r"no protocol to run; .*pair_label.txt and .*gallery_G1.csv not found"
+    ):
+        load_ijb(root, "ijbc")
+    for name in ("ijbc_1N_gallery_G1.csv", "ijbc_1N_probe_mixed.csv"):
+        write_meta(tmp_path / "again")
+        (tmp_path / "again" / "IJBC" / "meta" / name).rename(meta_dir / name)
+    assert evaluate.main(argv) == 0
+    printed = capsys.readouterr()
+    assert "skipping 1:1: " in printed.err and "ijbc_template_pair_label.txt not found" in printed.err
+    assert "1:N identification" in printed.out and "1:1 verification" not in printed.out
 
 
 # --------------------------------------------------------------------------- the tiny LFW-based tree

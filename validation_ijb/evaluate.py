@@ -149,16 +149,17 @@ def evaluate_ijb(
     root: str | Path,
     dataset: str = "ijbc",
     modes: Sequence[Mode] = (Mode(),),
-    protocols: Sequence[str] = PROTOCOLS,
+    protocols: Sequence[str] | None = None,
     batch_size: int = 128,
     workers: int = 4,
     cache: Path | None = None,
     key: str = "model",
     weights: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Evaluate an embedder (uint8 RGB batch -> features) on IJB-B/C under each N/D/F ``mode``; with
-    ``cache``, features are saved and reused under ``key`` (which must name the model)."""
-    meta = load_ijb(root, dataset, tuple(protocols))
+    """Evaluate an embedder (uint8 RGB batch -> features) on IJB-B/C under each N/D/F ``mode``, for the
+    ``protocols`` ("1:1", "1:N"; default: those whose files are present, the others listed under
+    ``skipped``); with ``cache``, features are saved and reused under ``key`` (which must name the model)."""
+    meta = load_ijb(root, dataset, None if protocols is None else tuple(protocols))
     original, flipped, _ = cached_features(embed, meta, batch_size, workers, cache, key)
     return {**describe(meta), "modes": evaluate_features(meta, original, flipped, modes, weights)}
 
@@ -172,6 +173,8 @@ def describe(meta: IJBMeta) -> dict[str, Any]:
     if meta.probes is not None:
         info["galleries"] = {name: len(g.templates) for name, g in meta.galleries.items()}
         info["probes"] = len(meta.probes.templates)
+    if meta.skipped:
+        info["skipped"] = {protocol: f"{path} not found" for protocol, path in meta.skipped.items()}
     return info
 
 
@@ -275,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detector-score", **switch, help="D: 1 weights by the faceness score")
     parser.add_argument("--flip", **switch, help="F: 1 adds the flipped image's feature")
     parser.add_argument("--modes", nargs="+", help="explicit modes instead, e.g. N1D1F1 N1D0F1 N0D1F1")
-    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS,
+                        help="default: each one whose meta files are present")  # fmt: skip
     parser.add_argument("--weights", type=Path, help="per-image pooling weights (.npy, rows of face_tid_mid)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=4, help="loader processes decoding and aligning")
@@ -288,7 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         modes = parse_modes(args)
-        meta = load_ijb(args.ijb_root, args.dataset, tuple(args.protocols))
+        meta = load_ijb(args.ijb_root, args.dataset, tuple(args.protocols) if args.protocols else None)
+        for protocol, path in meta.skipped.items():
+            print(f"evaluate: skipping {protocol}: {path} not found", file=sys.stderr)
         weights = np.load(args.weights) if args.weights else None
         start = time.perf_counter()
         if args.model.suffix == ".npz":  # features saved by an earlier run
@@ -324,10 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             fh.write(f"{about}\n{table}\n")
         with atomic_write(args.out / f"{stem}.json", "w", encoding="utf-8") as fh:
             json.dump(to_json(results), fh, indent=2)
-        if "1:1" in args.protocols:
+        if meta.pairs is not None:
             title = f"{DATASETS[args.dataset][0]} 1:1 ROC, {args.model.name}"
             plot_roc(results, args.out / f"{stem}_roc.png", title)
-        print(f"wrote {args.out / stem}.{{txt,json}}" + (" and _roc.png" if "1:1" in args.protocols else ""))
+        print(f"wrote {args.out / stem}.{{txt,json}}" + (" and _roc.png" if meta.pairs is not None else ""))
     return 0
 
 

@@ -12,7 +12,11 @@ The 1:N lists are the protocol CSVs of the IJB release: a header line (``TEMPLAT
 of a template come from ``face_tid_mid``, as in insightface's evaluation). Landmarks are in the pixels of
 the loose crop, in the ArcFace template's order (left eye, right eye, nose, left and right mouth corner).
 
-Every line is checked; a malformed one raises :class:`IJBMetaError` naming the file and line number.
+Only the image lists (``name_5pts_score``, ``face_tid_mid``) are always needed. Without a protocol named,
+the protocols whose files are present are read and the others recorded in ``IJBMeta.skipped`` with the
+missing file (insightface's 1:1 script needs only the pair list); a protocol asked for by name whose file is
+missing is an error naming it. Every line is checked; a malformed one raises :class:`IJBMetaError` naming
+the file and line number.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ class IJBMeta:
 
     ``names``/``landmarks``/``faceness``/``templates``/``medias`` have one row per face image (the rows of
     ``face_tid_mid``); ``pairs`` is (t1, t2, label) of the 1:1 protocol (None when not read);
-    ``galleries`` (S1, S2 or G1, G2) and ``probes`` are the 1:N lists (empty / None when not read).
+    ``galleries`` (S1, S2 or G1, G2) and ``probes`` are the 1:N lists (empty / None when not read);
+    ``skipped`` maps each protocol left out for want of its files to the first missing file.
     """
 
     dataset: str
@@ -60,6 +65,7 @@ class IJBMeta:
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     galleries: dict[str, TemplateList] = field(default_factory=dict)
     probes: TemplateList | None = None
+    skipped: dict[str, Path] = field(default_factory=dict)
 
     @property
     def image_paths(self) -> list[Path]:
@@ -96,13 +102,29 @@ def meta_paths(folder: Path, dataset: str) -> dict[str, Path]:
     return paths
 
 
-def load_ijb(root: str | Path, dataset: str, protocols: tuple[str, ...] = PROTOCOLS) -> IJBMeta:
-    """Read and cross-check the meta files of ``dataset`` for the ``protocols`` ("1:1", "1:N")."""
+def protocol_files(paths: dict[str, Path], dataset: str) -> dict[str, list[Path]]:
+    """The meta files each protocol reads (besides the image lists): 1:1 the pairs, 1:N the lists."""
+    return {"1:1": [paths["pairs"]], "1:N": [*(paths[g] for g in DATASETS[dataset][1]), paths["probes"]]}
+
+
+def load_ijb(root: str | Path, dataset: str, protocols: tuple[str, ...] | None = None) -> IJBMeta:
+    """Read and cross-check the meta files of ``dataset`` for the ``protocols`` ("1:1", "1:N"); ``None``:
+    each protocol whose files are present (the others are recorded in ``skipped``)."""
+    folder = dataset_folder(root, dataset)
+    paths = meta_paths(folder, dataset)
+    skipped: dict[str, Path] = {}
+    if protocols is None:
+        for protocol, files in protocol_files(paths, dataset).items():
+            missing = next((f for f in files if not f.is_file()), None)
+            if missing is not None:
+                skipped[protocol] = missing
+        protocols = tuple(p for p in PROTOCOLS if p not in skipped)
+        if not protocols:
+            lacking = " and ".join(str(f) for f in skipped.values())
+            raise IJBMetaError(f"{folder}: no protocol to run; {lacking} not found")
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown or not protocols:
         raise ValueError(f"protocols {sorted(unknown) or '(none)'}; choose from {', '.join(PROTOCOLS)}")
-    folder = dataset_folder(root, dataset)
-    paths = meta_paths(folder, dataset)
     names, landmarks, faceness = read_landmarks(paths["landmarks"])
     media_names, templates, medias = read_template_media(paths["media"])
     if len(media_names) != len(names):
@@ -116,7 +138,7 @@ def load_ijb(root: str | Path, dataset: str, protocols: tuple[str, ...] = PROTOC
             f"{paths['media']}: image {i + 1} is {str(media_names[i])!r}, but image {i + 1} of "
             f"{paths['landmarks'].name} is {str(names[i])!r} (both files must list the images in one order)"
         )
-    meta = IJBMeta(dataset, folder, names, landmarks, faceness, templates, medias)
+    meta = IJBMeta(dataset, folder, names, landmarks, faceness, templates, medias, skipped=skipped)
     known = np.unique(templates)
     if "1:1" in protocols:
         meta.pairs = read_pairs(paths["pairs"])
