@@ -21,7 +21,12 @@ import pytest
 import torch
 
 from data.decode import DecodeError
-from validation_tinyface.protocol import TinyFaceLayoutError, find_testing_set, read_tinyface
+from validation_tinyface.protocol import (
+    TinyFaceLayoutError,
+    find_testing_set,
+    read_identity_list,
+    read_tinyface,
+)
 from validation_tinyface.validate_tinyface import evaluate_tinyface, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,7 +263,13 @@ def test_layout_errors_name_the_folder(data_root, tmp_path, keyed):
     with pytest.raises(TinyFaceLayoutError, match=r"identity '999999' of 999999_0.jpg"):
         read_tinyface(broken)
     lonely.rename(broken / "Probe" / "noprefix.jpg")
-    with pytest.raises(TinyFaceLayoutError, match=r"noprefix.jpg: file name has no '<identity>_' prefix"):
+    expected = r"1 of 25 Probe/Gallery_Match file names \(e.g. Probe/noprefix.jpg\) have no numeric TinyFace"
+    with pytest.raises(TinyFaceLayoutError, match=expected):
+        read_tinyface(broken)
+    (broken / "Probe" / "noprefix.jpg").rename(broken / "Probe" / "x7_0.jpg")  # not a number, not LFW-like
+    with pytest.raises(
+        TinyFaceLayoutError, match=r"\(e.g. Probe/x7_0.jpg\) have no numeric [^;]*; give each"
+    ):
         read_tinyface(broken)
 
 
@@ -286,3 +297,111 @@ def test_pixels_match_cv2_for_the_real_crops(data_root):
     loaded = ImageFiles(files)
     for i, path in enumerate(files):
         np.testing.assert_array_equal(loaded[i], read_rgb_chw(path))
+
+
+# ----------------------------------------------------------------------- names that are not TinyFace's
+
+
+@pytest.fixture(scope="module")
+def lfw_split(shared_data, tmp_path_factory):
+    """A split of LFW photos under their own names (First_Last_NNNN.jpg): three Johns and three Michaels
+    with 3 photos each (probe, gallery, gallery) and two distractor people; the TinyFace prefix rule would
+    see two identities where there are six."""
+    photos = shared_data / "lfw_color150"
+    people: dict[str, list[Path]] = {}
+    for path in sorted(photos.glob("*.jpg")):
+        people.setdefault(path.stem.rsplit("_", 1)[0], []).append(path)
+    chosen = []
+    for first in ("John", "Michael"):
+        chosen += [n for n in people if n.split("_")[0] == first and len(people[n]) >= 3][:3]
+    root = tmp_path_factory.mktemp("lfw_split")
+    for name in ("Probe", "Gallery_Match", "Gallery_Distractor"):
+        (root / name).mkdir()
+    truth = {}
+    for person in chosen:
+        for n, photo in enumerate(people[person][:3]):
+            folder = "Probe" if n == 0 else "Gallery_Match"
+            shutil.copy(photo, root / folder / photo.name)
+            truth[root / folder / photo.name] = person
+    for person in [n for n in people if n.split("_")[0] not in ("John", "Michael")][:2]:
+        shutil.copy(people[person][0], root / "Gallery_Distractor" / people[person][0].name)
+    return root, truth
+
+
+def test_lfw_style_names_are_refused_not_merged_by_first_name(lfw_split):
+    root, truth = lfw_split
+    assert len(set(truth.values())) == 6 and len({name.split("_")[0] for name in truth.values()}) == 2
+    with pytest.raises(TinyFaceLayoutError) as caught:
+        read_tinyface(root)
+    message = str(caught.value)
+    assert "18 of 18 Probe/Gallery_Match file names (e.g. Probe/John_" in message
+    assert "look like LFW's First_Last_NNNN" in message and "--identities FILE" in message
+    assert "\n" not in message
+
+
+def test_an_identity_list_gives_the_identities(lfw_split, tmp_path, shared_data, capsys):
+    root, truth = lfw_split
+    listing = tmp_path / "identities.txt"
+    lines = ["# image identity"]  # half given as paths under the split, half as bare file names
+    for k, (path, person) in enumerate(sorted(truth.items())):
+        lines.append(f"{path.relative_to(root).as_posix() if k % 2 else path.name} {person}")
+    listing.write_text("\n".join([*lines, "", "Unused_Person_0001.jpg Unused_Person"]) + "\n")
+    tinyface = read_tinyface(root, listing)
+    assert len(tinyface.identities) == 6 and tinyface.identity_source == str(listing)
+    labels = [tinyface.identities[i] for i in [*tinyface.probe_ids, *tinyface.match_ids]]
+    by_path = dict(zip([*tinyface.probes, *tinyface.matches], labels, strict=True))
+    assert by_path == truth
+
+    # the ranks, computed directly from keyed features of the true identities
+    table, fused = keyed_features([(p, truth.get(p)) for p in tinyface.files], seed=3)
+    n_probe = len(tinyface.probes)
+    gallery_people = [truth.get(p, "distractor") for p in [*tinyface.matches, *tinyface.distractors]]
+    ranks = []
+    for probe, path in zip(fused[:n_probe], tinyface.probes, strict=True):
+        scores = fused[n_probe:] @ probe
+        mate = max(s for s, g in zip(scores, gallery_people, strict=True) if g == truth[path])
+        ranks.append(
+            1 + sum(s > mate for s, g in zip(scores, gallery_people, strict=True) if g != truth[path])
+        )
+    ranks = np.array(ranks)
+    assert (ranks == 1).any() and (ranks > 1).any()  # the case can tell
+    result = evaluate_tinyface(KeyedEmbedder(table), tinyface, batch_size=4, ranks=(1, 2, 5))
+    for k in (1, 2, 5):
+        assert result[f"rank-{k}"] == pytest.approx(np.mean(ranks <= k))
+    assert result["identities"] == 6 and result["identities_from"] == str(listing)
+
+    # from the command line, with the real model
+    out = tmp_path / "r.json"
+    argv = ["--data_root", str(root), "--model", str(shared_data / MODEL), "--color", "bgr", "--workers", "0",
+            "--json", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    assert "look like LFW's First_Last_NNNN" in capsys.readouterr().err
+    assert main([*argv, "--identities", str(listing)]) == 0
+    saved = json.loads(out.read_text())["tinyface"]
+    assert saved["identities"] == 6 and saved["probes"] == 6 and saved["gallery_matches"] == 12
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a.jpg 1\nb.jpg\n", r"identities.txt:2: 1 fields; expected '<image> <identity>'"),
+        ("a.jpg 1 x\n", r"identities.txt:1: 3 fields"),
+        ("a.jpg 1\n\na.jpg 2\n", r"identities.txt:3: a.jpg is identity '2' here but '1' at line 1"),
+        ("# nothing\n", r"identities.txt: empty identity list"),
+    ],
+)
+def test_bad_identity_lists_name_the_line(tmp_path, text, message):
+    listing = tmp_path / "identities.txt"
+    listing.write_text(text)
+    with pytest.raises(TinyFaceLayoutError, match=message):
+        read_identity_list(listing)
+
+
+def test_an_identity_list_must_cover_every_probe_and_match(lfw_split, tmp_path):
+    root, truth = lfw_split
+    listing = tmp_path / "identities.txt"
+    listing.write_text("".join(f"{p.name} {person}\n" for p, person in sorted(truth.items())[1:]))
+    with pytest.raises(
+        TinyFaceLayoutError, match=r"identities.txt: no identity for 1 of the 18 Probe/Gallery_Match"
+    ):
+        read_tinyface(root, listing)

@@ -2,17 +2,20 @@
 
 The test split has three folders of pre-aligned crops (AdaFace's MTCNN-aligned copy
 ``aligned_pad_0.1_pad_high``): ``Probe/``, ``Gallery_Match/`` and ``Gallery_Distractor/``. A file's identity
-is its name up to the first ``_`` (``1_3.jpg`` is identity ``1``); distractors belong to no identity
-(AdaFace labels them -100). The gallery is the match images followed by the distractors; each probe is
-scored against all of them by inner product of unit features (flip-fused), and its rank is the position
-of its best mate. Reported: the closed-set CMC at ranks 1, 5 and 20 (DIR at FAR = 1: every probe has a
-mate in the gallery).
+is the number its name starts with, up to the first ``_`` (``1_3.jpg`` is identity ``1``; AdaFace reads it
+as ``int(name.split('_')[0])``); distractors belong to no identity (AdaFace labels them -100). Names of
+another kind (LFW's ``First_Last_0001.jpg`` would give identity ``First``) are refused; their identities
+come from an identity list instead (:func:`read_identity_list`). The gallery is the match images followed
+by the distractors; each probe is scored against all of them by inner product of unit features
+(flip-fused), and its rank is the position of its best mate. Reported: the closed-set CMC at ranks 1, 5
+and 20 (DIR at FAR = 1: every probe has a mate in the gallery).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +53,7 @@ class TinyFaceSet:
     probe_ids: np.ndarray
     match_ids: np.ndarray
     identities: list[str]
+    identity_source: str = "file names (<id>_<n>.jpg)"
 
     @property
     def files(self) -> list[Path]:
@@ -86,25 +90,96 @@ def _images(folder: Path) -> list[Path]:
     return files
 
 
-def identity_of(path: Path) -> str:
-    """The identity a TinyFace file name carries: everything before its first ``_``."""
-    stem = path.stem
-    if "_" not in stem or not stem.split("_", 1)[0]:
-        raise TinyFaceLayoutError(f"{path}: file name has no '<identity>_' prefix")
-    return stem.split("_", 1)[0]
+def identity_of(path: Path) -> str | None:
+    """The identity a TinyFace file name carries: the number before its first ``_`` (leading zeros
+    dropped, as ``int`` reads it); None when the name does not start that way."""
+    prefix, underscore, _ = path.stem.partition("_")
+    if not underscore or not (prefix.isascii() and prefix.isdigit()):
+        return None
+    return str(int(prefix))
 
 
-def read_tinyface(root: str | os.PathLike[str]) -> TinyFaceSet:
-    """The files and identities of a test split folder (see :func:`find_testing_set`)."""
+LFW_NAME = re.compile(r"[A-Za-z][\w-]*_[A-Za-z][\w-]*_\d{4}")  # First_Last_0001 (LFW's names)
+
+
+def _refuse_names(root: Path, files: list[Path], bad: list[Path]) -> TinyFaceLayoutError:
+    example = bad[0].relative_to(root).as_posix()
+    why = "no numeric TinyFace identity '<id>_' at their start"
+    if LFW_NAME.fullmatch(bad[0].stem):
+        why += "; they look like LFW's First_Last_NNNN, which the TinyFace rule would merge by first name"
+    return TinyFaceLayoutError(
+        f"{root}: {len(bad)} of {len(files)} Probe/Gallery_Match file names (e.g. {example}) have {why}; "
+        "give each image's identity with an identity list (--identities FILE, lines '<image> <identity>')"
+    )
+
+
+def read_identity_list(path: str | os.PathLike[str]) -> dict[str, str]:
+    """An identity list: one ``<image> <identity>`` per line (blank lines and ``#`` comments skipped),
+    the image given by its path under the test split (``Probe/a_1.jpg``) or its bare file name.
+    A malformed line, or an image listed twice with two identities, is an error naming the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise TinyFaceLayoutError(f"{path}: cannot read the identity list: {err}") from None
+    identities: dict[str, tuple[str, int]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 2:
+            raise TinyFaceLayoutError(f"{path}:{number}: {len(fields)} fields; expected '<image> <identity>'")
+        image, identity = fields
+        first = identities.setdefault(image, (identity, number))
+        if first[0] != identity:
+            raise TinyFaceLayoutError(
+                f"{path}:{number}: {image} is identity {identity!r} here but {first[0]!r} at line {first[1]}"
+            )
+    if not identities:
+        raise TinyFaceLayoutError(f"{path}: empty identity list")
+    return {image: identity for image, (identity, _) in identities.items()}
+
+
+def _listed_identities(root: Path, files: list[Path], listed: Mapping[str, str], source: str) -> list[str]:
+    found = [listed.get(f.relative_to(root).as_posix(), listed.get(f.name)) for f in files]
+    missing = [f for f, identity in zip(files, found, strict=True) if identity is None]
+    if missing:
+        raise TinyFaceLayoutError(
+            f"{source}: no identity for {len(missing)} of the {len(files)} Probe/Gallery_Match images of "
+            f"{root} (e.g. {missing[0].relative_to(root).as_posix()})"
+        )
+    return [str(identity) for identity in found]
+
+
+def read_tinyface(
+    root: str | os.PathLike[str], identities: str | os.PathLike[str] | Mapping[str, str] | None = None
+) -> TinyFaceSet:
+    """The files and identities of a test split folder (see :func:`find_testing_set`).
+
+    Identities come from the TinyFace file names (``<id>_<n>.jpg``; other names are refused), or from
+    ``identities``: an identity list file (:func:`read_identity_list`) or a mapping of the same keys, for a
+    folder of one's own whose names do not carry TinyFace identities. Distractors need none."""
     root = Path(root)
     for name in FOLDERS:
         if not (root / name).is_dir():
             raise TinyFaceLayoutError(f"{root}: missing folder {name}/ (need {', '.join(FOLDERS)})")
     probes, matches, distractors = (_images(root / name) for name in FOLDERS)
-    probe_names = [identity_of(p) for p in probes]
-    match_names = [identity_of(p) for p in matches]
-    identities = sorted(set(probe_names) | set(match_names))
-    code = {name: i for i, name in enumerate(identities)}
+    labelled = [*probes, *matches]
+    if identities is None:
+        source = TinyFaceSet.identity_source
+        names = [identity_of(p) for p in labelled]
+        bad = [p for p, n in zip(labelled, names, strict=True) if n is None]
+        if bad:
+            raise _refuse_names(root, labelled, bad)
+    else:
+        if isinstance(identities, Mapping):
+            listed, source = identities, "identity list"
+        else:
+            listed, source = read_identity_list(identities), str(identities)
+        names = _listed_identities(root, labelled, listed, source)
+    probe_names, match_names = names[: len(probes)], names[len(probes) :]
+    labels = sorted(set(probe_names) | set(match_names))
+    code = {name: i for i, name in enumerate(labels)}
     missing = sorted(set(probe_names) - set(match_names))
     if missing:
         example = next(p for p, n in zip(probes, probe_names, strict=True) if n == missing[0])
@@ -119,7 +194,8 @@ def read_tinyface(root: str | os.PathLike[str]) -> TinyFaceSet:
         distractors=distractors,
         probe_ids=np.array([code[n] for n in probe_names], dtype=np.int64),
         match_ids=np.array([code[n] for n in match_names], dtype=np.int64),
-        identities=identities,
+        identities=labels,
+        identity_source=source,
     )
 
 

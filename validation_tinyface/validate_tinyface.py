@@ -9,6 +9,8 @@ Gallery_Distractor}``) or is that folder itself. Images are read as they are (pr
 than 112x112 is scaled to it), embedded with their horizontal flips, fused (default: sum before
 normalisation, AdaFace's ``pre_norm_vector_add``) and L2-normalised; a probe's score against the gallery is
 the inner product. Prints the table with the switches that produced it; ``--json`` writes it.
+Identities come from TinyFace's file names (``<id>_<n>.jpg``); a folder of one's own named otherwise
+needs ``--identities FILE`` (``<image> <identity>`` per line, the image as ``Probe/x.jpg`` or ``x.jpg``).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def evaluate_tinyface(
         progress="tinyface" if sys.stderr.isatty() else None,
     )  # fmt: skip
     result = identification(fuse_flip(original, flipped, fusion), tinyface, ranks)
-    result["root"] = str(tinyface.root)
+    result["root"], result["identities_from"] = str(tinyface.root), tinyface.identity_source
     return result
 
 
@@ -111,6 +113,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--cache", type=Path, help="folder for features (.npz), reused by later runs")
+    parser.add_argument("--identities", type=Path, metavar="FILE",
+                        help="identity list ('<image> <identity>' per line) for folders whose file names "
+                             "are not TinyFace's <id>_<n>.jpg")  # fmt: skip
     args = parser.parse_args(argv)
     args.fusion = ADAFACE_FUSIONS.get(args.fusion, args.fusion)
     return args
@@ -120,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         embed = embedder_from_args(args)
-        tinyface = read_tinyface(find_testing_set(args.data_root))
+        tinyface = read_tinyface(find_testing_set(args.data_root), args.identities)
         note = image_size_note(tinyface.probes)
         if note:
             print(note, file=sys.stderr)
