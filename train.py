@@ -231,8 +231,13 @@ def build_uncertainty(cfg: Config, backbone: nn.Module) -> UncertaintyModule | N
             f"model.backbone {cfg.model.backbone} does not return its last feature map "
             "(forward(x, return_features=True)), which model.uncertainty reads"
         )
+    momentum = cfg.model.uncertainty_bn_momentum
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"model.uncertainty_bn_momentum must be in (0, 1], got {momentum}")
     in_features = conv_final_size(backbone, cfg.model.input_size or cfg.data.image_size)
-    return UncertaintyModule(in_features, cfg.model.uncertainty, cfg.model.embedding_size)
+    return UncertaintyModule(
+        in_features, cfg.model.uncertainty, cfg.model.embedding_size, bn_momentum=momentum
+    )
 
 
 def val_set_paths(cfg: Config) -> list[Path]:

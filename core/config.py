@@ -123,6 +123,9 @@ class ModelConfig:
     # ProbFace uncertainty module on the backbone's last feature map (docs/methods.md §3.11):
     # none | scalar | per_dim.
     uncertainty: Literal["none", "scalar", "per_dim"] = "none"
+    # Momentum of its BatchNorms (PyTorch's convention, the batch's share): ProbFace's 0.005 (TensorFlow
+    # decay 0.995) suits its 12,000 steps; a run of a few hundred steps needs a larger one, e.g. 0.1.
+    uncertainty_bn_momentum: float = 0.005
     # DDP: static graph (a fixed set of used parameters), gradient bucket size, fp16 gradient all-reduce.
     ddp_static_graph: bool = True
     ddp_bucket_mb: int = 25

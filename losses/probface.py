@@ -1,9 +1,12 @@
-"""ProbFace losses (docs/methods.md §3.11): mutual likelihood score, output constraint, attention distance."""
+"""ProbFace losses (docs/methods.md §3.11): mutual likelihood score, output constraint, and the attention
+distance with its semi-hard triplet term."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from losses.triplet_loss import triplet_from_distances
 
 
 def mutual_likelihood_score(
@@ -51,7 +54,29 @@ def output_constraint(sigma2: torch.Tensor, kind: str = "l2") -> torch.Tensor:
 
 
 def attention_distance(mu: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """(N, N) a_ij = 2 (1 - cos(mu_i, mu_j)) / (sigma2_i + sigma2_j) for scalar sigma2 (N, 1)."""
+    """(N, N) attention distances of ``mu`` (N, D; normalised here) for sigma2 (N, 1) or (N, D).
+
+    Scalar: a_ij = 2 (1 - cos(mu_i, mu_j)) / (s_i + s_j); per dimension: a_ij = mean_d (mu_id - mu_jd)^2 /
+    (s_id + s_jd). The per-dimension form averages over the D dimensions as the MLS does (and as ProbFace's
+    release does), so with sigma^2 near its initial e^-7 its distances are of the order of the margin 3 and
+    not D times larger.
+    """
     z = F.normalize(mu, dim=1)
-    s = sigma2.view(-1)
-    return 2.0 * (1.0 - z @ z.T) / (s.unsqueeze(0) + s.unsqueeze(1))
+    if sigma2.shape[1] == 1:
+        s = sigma2.view(-1)
+        return 2.0 * (1.0 - z @ z.T) / (s.unsqueeze(0) + s.unsqueeze(1))
+    return ((z.unsqueeze(1) - z.unsqueeze(0)).pow(2) / (sigma2.unsqueeze(1) + sigma2.unsqueeze(0))).mean(-1)
+
+
+def attention_triplet_loss(
+    mu: torch.Tensor,
+    sigma2: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 3.0,
+    mu_gradient: bool = False,
+) -> torch.Tensor:
+    """ProbFace's discriminative term: the semi-hard triplet loss (``losses.triplet_loss``) on the attention
+    distance. mu is detached unless ``mu_gradient``: only sigma^2 learns from it, as in ProbFace, whose
+    backbone is frozen."""
+    mu = mu if mu_gradient else mu.detach()
+    return triplet_from_distances(attention_distance(mu, sigma2), labels, margin, "semi_hard")[0]

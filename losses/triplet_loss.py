@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.probface import attention_distance
 from losses.registry import LOSSES
 
 MINERS = ("batch_hard", "batch_all", "semi_hard")
@@ -101,11 +100,3 @@ class TripletLoss(nn.Module):
             pairwise_distances(emb), labels, self.margin, self.mining
         )
         return loss
-
-
-def attention_triplet_loss(
-    mu: torch.Tensor, sigma2: torch.Tensor, labels: torch.Tensor, margin: float = 3.0
-) -> torch.Tensor:
-    """ProbFace's discriminative term: semi-hard triplet loss on the attention distance
-    (docs/methods.md §3.11)."""
-    return triplet_from_distances(attention_distance(mu, sigma2), labels, margin, "semi_hard")[0]

@@ -4,9 +4,10 @@
 
 * L_MLS: mean of -s(i, j) over the genuine pairs of the batch, mu detached (``losses.probface.mls_loss``);
 * L_constraint: sum_i (sigma2_i / sg(mean sigma2) - 1)^2 (``l2``) or |.| (``l1``);
-* L_triplet: semi-hard triplet loss (margin 3) on the attention distance
-  a_ij = sum_d (mu_id - mu_jd)^2 / (sigma2_id + sigma2_jd), which for a scalar sigma2 is
-  2 (1 - cos(mu_i, mu_j)) / (sigma2_i + sigma2_j) (``losses.probface.attention_distance``).
+* L_triplet: semi-hard triplet loss (margin 3) on the attention distance, 2 (1 - cos(mu_i, mu_j)) /
+  (sigma2_i + sigma2_j) for a scalar sigma2 and mean_d (mu_id - mu_jd)^2 / (sigma2_id + sigma2_jd) per
+  dimension; mu detached as in L_MLS unless ``triplet_mu_gradient``
+  (``losses.probface.attention_triplet_loss``).
 
 Batches must hold several images per identity (PK sampling, ``data.sampler: pk``): without genuine pairs
 there is no MLS term.
@@ -18,22 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.probface import attention_distance, mls_loss, output_constraint
+from losses.probface import attention_triplet_loss, mls_loss, output_constraint
 from losses.registry import LOSSES
-from losses.triplet_loss import triplet_from_distances
-
-
-def attention_distances(mu: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """(N, N) attention distances of unit ``mu`` (N, D) for sigma2 of shape (N, 1) or (N, D)."""
-    if sigma2.shape[1] == 1:
-        return attention_distance(mu, sigma2)
-    diff = (mu.unsqueeze(1) - mu.unsqueeze(0)).pow(2)
-    return (diff / (sigma2.unsqueeze(1) + sigma2.unsqueeze(0))).sum(-1)
 
 
 @LOSSES.register("probface")
 class ProbFaceLoss(nn.Module):
-    """The ProbFace objective on ``((embedding, log_sigma2), labels)``; ``last_stats`` holds its terms."""
+    """The ProbFace objective on ``((embedding, log_sigma2), labels)``; ``last_stats`` holds its terms.
+
+    ``triplet_mu_gradient``: let the triplet term's gradient reach mu (and so a backbone trained with
+    ``model.freeze_backbone: false``); ProbFace stops it, and with a frozen backbone it changes nothing.
+    """
 
     def __init__(
         self,
@@ -42,12 +38,14 @@ class ProbFaceLoss(nn.Module):
         constraint: str = "l2",
         triplet_weight: float = 0.001,
         triplet_margin: float = 3.0,
+        triplet_mu_gradient: bool = False,
     ) -> None:
         super().__init__()
         if constraint not in ("l1", "l2"):
             raise ValueError(f"probface constraint must be 'l1' or 'l2', got {constraint!r}")
         self.mls_weight, self.constraint_weight, self.constraint = mls_weight, constraint_weight, constraint
         self.triplet_weight, self.triplet_margin = triplet_weight, triplet_margin
+        self.triplet_mu_gradient = triplet_mu_gradient
         self.last_stats: dict[str, float] = {}
 
     def forward(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -61,8 +59,8 @@ class ProbFaceLoss(nn.Module):
         constraint = output_constraint(sigma2, self.constraint)
         triplet = torch.zeros((), device=mu.device)
         if self.triplet_weight:
-            triplet, _ = triplet_from_distances(
-                attention_distances(mu, sigma2), labels, self.triplet_margin, "semi_hard"
+            triplet = attention_triplet_loss(
+                mu, sigma2, labels, self.triplet_margin, mu_gradient=self.triplet_mu_gradient
             )
         self.last_stats = {
             "mls": float(mls.detach()), "constraint": float(constraint.detach()),

@@ -10,7 +10,12 @@ module maps ``conv_final`` to log sigma^2:
       initially 0.1 and -1 (scalar) or -7 (per dimension)) -> log sigma^2 = log(1e-6 + exp(.))
 
 The FC layers have no bias (each is followed by a BN that would cancel it) and start from Xavier-uniform
-weights, as TensorFlow-slim's fully-connected layers in the ProbFace release.
+weights, as TensorFlow-slim's fully-connected layers in the ProbFace release. Both BNs use that release's
+settings: epsilon 1e-3 and a moving-average decay of 0.995, which is PyTorch momentum 0.005 (TensorFlow
+keeps ``decay`` of the old statistics, PyTorch adds ``momentum`` of the batch's). At that momentum the
+running statistics forget their initial (0, 1) after about a thousand steps (0.995^1000 = 0.7%); ProbFace
+trains 12,000; a run of a few hundred steps needs a larger ``bn_momentum`` (``model.uncertainty_bn_momentum``,
+e.g. 0.1: after 60 steps at 0.005 the running statistics are still 74% their initial values).
 """
 
 from __future__ import annotations
@@ -25,12 +30,24 @@ KINDS = ("scalar", "per_dim")
 BETA_INIT = {"scalar": -1.0, "per_dim": -7.0}
 GAMMA_INIT = 0.1
 SIGMA2_FLOOR = 1e-6
+BN_EPS = 1e-3  # ProbFace's TensorFlow batch_norm epsilon
+BN_MOMENTUM = 0.005  # ProbFace's decay 0.995 in PyTorch's convention (1 - decay)
 
 
 class UncertaintyModule(nn.Module):
-    """``conv_final`` (N, in_features) -> log sigma^2, (N, 1) for ``scalar`` or (N, D) for ``per_dim``."""
+    """``conv_final`` (N, in_features) -> log sigma^2, (N, 1) for ``scalar`` or (N, D) for ``per_dim``.
 
-    def __init__(self, in_features: int, kind: str = "scalar", embedding_size: int = 0, hidden: int = 256):
+    ``bn_eps`` and ``bn_momentum`` (PyTorch's convention) are those of both BatchNorm layers."""
+
+    def __init__(
+        self,
+        in_features: int,
+        kind: str = "scalar",
+        embedding_size: int = 0,
+        hidden: int = 256,
+        bn_eps: float = BN_EPS,
+        bn_momentum: float = BN_MOMENTUM,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"uncertainty kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -39,10 +56,10 @@ class UncertaintyModule(nn.Module):
         self.kind, self.in_features = kind, in_features
         outputs = 1 if kind == "scalar" else embedding_size
         self.fc1 = nn.Linear(in_features, hidden, bias=False)
-        self.bn1 = nn.BatchNorm1d(hidden)
+        self.bn1 = nn.BatchNorm1d(hidden, eps=bn_eps, momentum=bn_momentum)
         self.relu = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, outputs, bias=False)
-        self.bn2 = nn.BatchNorm1d(outputs, affine=False)
+        self.bn2 = nn.BatchNorm1d(outputs, eps=bn_eps, momentum=bn_momentum, affine=False)
         self.gamma = nn.Parameter(torch.tensor([GAMMA_INIT]))
         self.beta = nn.Parameter(torch.tensor([BETA_INIT[kind]]))
         nn.init.xavier_uniform_(self.fc1.weight)

@@ -2,18 +2,22 @@
 are refused.
 
     python -m probface.risk --model work_dirs/probface/last.pt --bin lfw.bin [cfp_fp.bin ...] [--json J]
-    python -m probface.risk --model CKPT --bin lfw.bin --pairs 1200 --no-flip    # a quicker look
+    python -m probface.risk --model CKPT --bin lfw.bin --pairs 1200              # a quicker look
 
-Every image gets (mu, sigma^2) from a ProbFace checkpoint (with ``--flip``, the default, an image and its
-mirror image are fused as a two-image template). A pair's uncertainty is u = max(sigma1^2, sigma2^2)
-(``--pair-uncertainty sum``: their sum; a per-dimension sigma^2 counts by its mean). For each risk factor r
-(default 0, 0.1, 0.2, 0.3) the pairs with u above the (1 - r) * 100th percentile of u are dropped and the
-10-fold accuracy is recomputed on the kept pairs:
+Every image gets (mu, sigma^2) from a ProbFace checkpoint, from the image alone as in ProbFace's evaluation
+(``--flip``: an image and its mirror image are fused as a two-image template, ``probface.fusion``). A pair's
+uncertainty is u = max(sigma1^2, sigma2^2) (``--pair-uncertainty sum``: their sum; a per-dimension sigma^2
+counts by its mean). For each risk factor r (default 0, 0.1, 0.2, 0.3) the pairs with u above the
+(1 - r) * 100th percentile of u are dropped and the 10-fold accuracy of the cosine and of the mutual
+likelihood score (MLS) is recomputed on the kept pairs, in 10 contiguous folds. The threshold of each fold
+(``--thresholds``):
 
-* cosine: ``validation_hq.protocol.evaluate_pairs`` (the .bin protocol: squared distance of the unit mu,
-  thresholds 0:0.01:4, 10 contiguous folds);
-* MLS: the same folds, the threshold on the mutual likelihood score chosen exactly on the 9 training folds
-  (the accuracy-maximising midpoint between consecutive training scores; the first on ties).
+* ``probface`` (default, ProbFace's evaluation): the candidates are the scores of the genuine pairs of the 9
+  training folds, a pair is "same" when its score is >= the threshold, and the threshold is the mean of the
+  candidates that reach the best training accuracy;
+* ``bin``: cosine by ``validation_hq.protocol.evaluate_pairs`` (the .bin protocol: squared distance of the
+  unit mu, thresholds 0:0.01:4, the first best), MLS by the accuracy-maximising midpoint between
+  consecutive training scores (the first on ties).
 
 The sigma^2 percentiles of the set's images are printed too.
 """
@@ -33,11 +37,12 @@ from core.checkpoint import CheckpointError
 from core.fileio import atomic_write
 from data.verification import VerificationFileError, load_bin
 from probface.embedder import extract_uncertain, load_probface
-from probface.fusion import mls_scores, scalar_sigma2
+from probface.fusion import cosine_scores, mls_scores, scalar_sigma2
 from validation_hq.protocol import _accuracy_curve, _folds, evaluate_pairs
 
 RISKS = (0.0, 0.1, 0.2, 0.3)
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 100)
+THRESHOLD_RULES = ("probface", "bin")
 
 
 def pair_uncertainty(sigma2: np.ndarray, how: str = "max") -> np.ndarray:
@@ -50,16 +55,39 @@ def pair_uncertainty(sigma2: np.ndarray, how: str = "max") -> np.ndarray:
     raise ValueError(f"pair uncertainty must be 'max' or 'sum', got {how!r}")
 
 
-def similarity_accuracy(scores: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> tuple[float, float]:
-    """10-fold accuracy (mean, std) of a similarity (higher = same): per fold the threshold that maximises
-    the accuracy on the other folds, taken among the midpoints of their sorted distinct scores."""
+def probface_threshold(scores: np.ndarray, issame: np.ndarray) -> float:
+    """ProbFace's threshold on training scores (higher = same): among the genuine pairs' scores, the mean of
+    those at which ``score >= threshold`` is the most accurate (+inf, all "different", without genuine
+    pairs)."""
+    candidates = np.sort(scores[issame])
+    if candidates.size == 0:
+        return float("inf")
+    accepted_genuine = issame.sum() - np.searchsorted(candidates, candidates, side="left")
+    rejected_impostors = np.searchsorted(np.sort(scores[~issame]), candidates, side="left")
+    correct = accepted_genuine + rejected_impostors
+    return float(np.mean(candidates[correct == correct.max()]))
+
+
+def similarity_accuracy(
+    scores: np.ndarray, issame: np.ndarray, nfolds: int = 10, rule: str = "probface"
+) -> tuple[float, float]:
+    """10-fold accuracy (mean, std) of a similarity (higher = same), each fold's threshold chosen on the
+    other folds: ``probface`` by :func:`probface_threshold`, ``midpoint`` the accuracy-maximising midpoint
+    between their sorted distinct scores (the first on ties, "same" when above)."""
     issame = np.asarray(issame, dtype=bool)
     if len(issame) < nfolds:
         raise ValueError(f"{len(issame)} pairs cannot be split into {nfolds} folds")
-    dist = -np.asarray(scores, dtype=np.float64)  # "same" when below the threshold, as in the protocol
+    if rule not in ("probface", "midpoint"):
+        raise ValueError(f"similarity threshold rule must be 'probface' or 'midpoint', got {rule!r}")
+    scores = np.asarray(scores, dtype=np.float64)
     accuracies = []
     for test in _folds(len(issame), nfolds):
         train = np.setdiff1d(np.arange(len(issame)), test)
+        if rule == "probface":
+            best = probface_threshold(scores[train], issame[train])
+            accuracies.append(float(np.mean((scores[test] >= best) == issame[test])))
+            continue
+        dist = -scores  # "same" when below the threshold, as in the .bin protocol
         values = np.unique(dist[train])
         candidates = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0]])
         best = candidates[int(np.argmax(_accuracy_curve(dist[train], issame[train], candidates)))]
@@ -78,12 +106,17 @@ def risk_controlled(
     issame: np.ndarray,
     risks: Sequence[float] = RISKS,
     how: str = "max",
+    thresholds: str = "probface",
 ) -> list[dict[str, Any]]:
-    """One row per risk factor: the u threshold, kept pairs, cosine and MLS 10-fold accuracy (and std)."""
+    """One row per risk factor: the u threshold, kept pairs, cosine and MLS 10-fold accuracy (and std), the
+    folds' thresholds chosen by ``thresholds`` (``probface`` or ``bin``, see the module's text)."""
     issame = np.asarray(issame, dtype=bool)
     if len(mu) != 2 * len(issame) or len(sigma2) != len(mu):
         raise ValueError(f"{len(mu)} embeddings and {len(sigma2)} variances for {len(issame)} pairs")
+    if thresholds not in THRESHOLD_RULES:
+        raise ValueError(f"thresholds must be one of {', '.join(THRESHOLD_RULES)}, got {thresholds!r}")
     u = pair_uncertainty(sigma2, how)
+    cosine_all = cosine_scores(mu[0::2], mu[1::2])
     mls = mls_scores(mu[0::2], sigma2[0::2], mu[1::2], sigma2[1::2])
     rows = []
     for r in risks:
@@ -91,12 +124,16 @@ def risk_controlled(
             raise ValueError(f"risk factors must be in [0, 1), got {r}")
         threshold = float(np.percentile(u, 100.0 * (1.0 - r)))
         keep = u <= threshold
-        images = np.repeat(keep, 2)
-        cosine = evaluate_pairs(mu[images], issame[keep])
-        mls_acc, mls_std = similarity_accuracy(mls[keep], issame[keep])
+        if thresholds == "bin":
+            protocol = evaluate_pairs(mu[np.repeat(keep, 2)], issame[keep])
+            cosine = protocol["accuracy"], protocol["accuracy_std"]
+            mls_acc, mls_std = similarity_accuracy(mls[keep], issame[keep], rule="midpoint")
+        else:
+            cosine = similarity_accuracy(cosine_all[keep], issame[keep])
+            mls_acc, mls_std = similarity_accuracy(mls[keep], issame[keep])
         rows.append({
             "risk": float(r), "u_threshold": threshold, "pairs": int(keep.sum()),
-            "cosine_accuracy": cosine["accuracy"], "cosine_std": cosine["accuracy_std"],
+            "cosine_accuracy": cosine[0], "cosine_std": cosine[1],
             "mls_accuracy": mls_acc, "mls_std": mls_std,
         })  # fmt: skip
     return rows
@@ -119,7 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bin", nargs="+", type=Path, required=True, help="verification .bin files")
     parser.add_argument("--risks", nargs="+", type=float, default=list(RISKS), help="risk factors r")
     parser.add_argument("--pair-uncertainty", choices=["max", "sum"], default="max")
-    parser.add_argument("--no-flip", dest="flip", action="store_false", help="embed the images only")
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="fuse each image with its mirror image (ProbFace's evaluation: --no-flip, the default)",
+    )
+    parser.add_argument(
+        "--thresholds", choices=THRESHOLD_RULES, default="probface", help="how a fold's threshold is chosen"
+    )
     parser.add_argument("--pairs", type=int, default=0, help="use the first N pairs of each set (0: all)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -134,17 +179,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             images, issame = val.images[: 2 * pairs], val.issame[:pairs]
             mu, sigma2 = extract_uncertain(embedder, images, args.batch_size, args.flip)
             percentiles = sigma2_percentiles(sigma2)
-            rows = risk_controlled(mu, sigma2, issame, args.risks, args.pair_uncertainty)
+            rows = risk_controlled(mu, sigma2, issame, args.risks, args.pair_uncertainty, args.thresholds)
             results[val.name] = {"sigma2_percentiles": percentiles, "rows": rows}
             print(f"{val.name}: {len(issame)} pairs, u = {args.pair_uncertainty}(sigma1^2, sigma2^2), "
-                  f"{'flip fused' if args.flip else 'no flip'}")  # fmt: skip
+                  f"{'flip fused' if args.flip else 'no flip'}, {args.thresholds} thresholds")  # fmt: skip
             print("sigma^2 percentiles: " + " ".join(f"{k} {v:.4g}" for k, v in percentiles.items()))
             print(format_rows(rows))
     except (FileNotFoundError, CheckpointError, VerificationFileError, ValueError) as err:
         print(f"probface.risk: {err}", file=sys.stderr)
         return 2
     results["settings"] = {"model": str(args.model), "pair_uncertainty": args.pair_uncertainty,
-                           "flip": args.flip, "risks": args.risks, "pairs": args.pairs or "all"}  # fmt: skip
+                           "flip": args.flip, "thresholds": args.thresholds, "risks": args.risks,
+                           "pairs": args.pairs or "all"}  # fmt: skip
     if args.json:
         with atomic_write(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)

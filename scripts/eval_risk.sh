@@ -4,7 +4,7 @@
 # pairs kept; the JSON goes to OUT.json, the last file named when it ends in .json (default: $OUT, else
 # work_dirs/eval/<model file name>_risk.json in the repository).
 #
-#   bash scripts/eval_risk.sh CKPT BIN [BIN ...] [OUT.json] [--pair-uncertainty sum] [--no-flip] [--risks 0 0.05 0.1]
+#   bash scripts/eval_risk.sh CKPT BIN [BIN ...] [OUT.json] [--pair-uncertainty sum] [--flip] [--risks 0 0.05 0.1]
 set -euo pipefail
 source "$(dirname "$0")/eval_launcher.sh"
 [[ $# -ge 2 ]] || launcher_usage

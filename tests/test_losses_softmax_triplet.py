@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from losses import build_loss, list_losses
-from losses.probface import attention_distance
+from losses.probface import attention_distance, attention_triplet_loss
 from losses.softmax_losses import inverse_log_frequency_weights
-from losses.triplet_loss import attention_triplet_loss, pairwise_distances
+from losses.triplet_loss import pairwise_distances
 
 LOGITS = torch.tensor(
     [[2.0, 0.5, -1.0], [0.1, 0.2, 3.0], [1.0, 1.0, 1.0], [-2.0, 4.0, 0.0]], dtype=torch.float64

@@ -17,14 +17,15 @@ import torch.nn.functional as F
 import train
 from backbones import build_backbone
 from core.checkpoint import CheckpointError, load_checkpoint
-from core.config import load_config
+from core.config import ConfigError, load_config
 from core.embedders import load_embedder
 from data.decode import decode_rgb
 from data.verification import load_bin
+from losses.probface import attention_distance
 from mining import PKSampler
 from probface import fusion, plot, risk
 from probface.embedder import extract_uncertain, load_probface
-from probface.loss import ProbFaceLoss, attention_distances
+from probface.loss import ProbFaceLoss
 from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size
 from tests.synthetic_faces import write_identity_folder, write_pairs_bin
 from validation_ijb.protocol import template_features
@@ -78,6 +79,42 @@ def test_uncertainty_module_shapes_initial_affine_and_formula():
         UncertaintyModule(40, "vector")
 
 
+def test_uncertainty_batchnorm_is_probfaces_epsilon_and_moving_average():
+    """ProbFace's TensorFlow BNs: epsilon 1e-3, moving statistics m <- 0.995 m + 0.005 batch (decay 0.995),
+    the variance starting at 1 and taking the unbiased batch variance as PyTorch does."""
+    torch.manual_seed(0)
+    module = UncertaintyModule(12, "per_dim", embedding_size=3).double().train()
+    x = torch.randn(16, 12, dtype=torch.float64) * 3 + 1
+    with torch.no_grad():
+        h = x @ module.fc1.weight.T
+        module(x)
+    for bn in (module.bn1, module.bn2):
+        assert bn.eps == pytest.approx(1e-3)
+    torch.testing.assert_close(module.bn1.running_mean, 0.005 * h.mean(0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(module.bn1.running_var, 0.995 + 0.005 * h.var(0), rtol=1e-9, atol=1e-12)
+    module.eval()
+    with torch.no_grad():
+        normalised = module.bn1(h)
+    expected = (h - module.bn1.running_mean) / torch.sqrt(module.bn1.running_var + 1e-3)
+    torch.testing.assert_close(normalised, expected * module.bn1.weight + module.bn1.bias)
+    other = UncertaintyModule(12, bn_eps=1e-5, bn_momentum=0.1)  # PyTorch's defaults, as an option
+    assert (other.bn2.eps, other.bn2.momentum) == (1e-5, 0.1)
+
+
+def test_the_uncertainty_bn_momentum_comes_from_the_config():
+    backbone = build_backbone("mbf", embedding_size=8, input_size=32)
+    settings = ["model.backbone=mbf", "model.embedding_size=8", "model.input_size=32"]
+    default = train.build_uncertainty(load_config(PROBFACE, settings), backbone)
+    assert default.bn1.momentum == default.bn2.momentum == pytest.approx(0.005)
+    short = train.build_uncertainty(
+        load_config(PROBFACE, [*settings, "model.uncertainty_bn_momentum=0.1"]), backbone
+    )
+    assert short.bn1.momentum == short.bn2.momentum == pytest.approx(0.1)
+    bad = load_config(PROBFACE, [*settings, "model.uncertainty_bn_momentum=0"])
+    with pytest.raises(ConfigError, match=r"model.uncertainty_bn_momentum must be in \(0, 1\], got 0"):
+        train.build_uncertainty(bad, backbone)
+
+
 @pytest.mark.parametrize("arch", ["mbf", "r18"])
 def test_backbones_return_their_last_map_with_the_embedding(arch):
     torch.manual_seed(0)
@@ -99,18 +136,31 @@ def test_a_backbone_without_its_feature_map_is_refused():
         ProbFaceNet(Plain(), UncertaintyModule(4))
 
 
-def direct_semi_hard(a: np.ndarray, labels: np.ndarray, margin: float) -> float:
-    losses = []
+def probface_attention(mu: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """The attention distance as ProbFace's release defines it (utils/tflib.py ``negative_MLS``): for a
+    scalar sigma^2, 2 (1 - cos) / (1e-10 + s_i + s_j); per dimension, the MEAN over the dimensions of
+    (mu_id - mu_jd)^2 / (1e-10 + s_id + s_jd)."""
+    if s2.shape[1] == 1:
+        return 2 * (1 - mu @ mu.T) / (1e-10 + s2 + s2.T)
+    return np.mean((mu[:, None] - mu[None]) ** 2 / (1e-10 + s2[:, None] + s2[None]), axis=2)
+
+
+def probface_semi_hard(a: np.ndarray, labels: np.ndarray, margin: float) -> float:
+    """ProbFace's ``triplet_semihard_loss`` (TensorFlow's): for each anchor a and positive p != a, the
+    smallest d(a, n) > d(a, p) over negatives n, else the largest d(a, n); the sum of
+    max(0, margin + d(a, p) - d(a, n)) over the positive pairs divided by their number."""
     n = len(labels)
+    total, positives = 0.0, 0
     for i in range(n):
+        negatives = a[i, labels != labels[i]]
         for p in range(n):
             if p == i or labels[p] != labels[i]:
                 continue
-            negatives = [a[i, k] for k in range(n) if labels[k] != labels[i]]
-            farther = [d for d in negatives if d > a[i, p]]
-            chosen = min(farther) if farther else max(negatives)
-            losses.append(max(0.0, a[i, p] - chosen + margin))
-    return float(np.mean(losses))
+            farther = negatives[negatives > a[i, p]]
+            chosen = farther.min() if farther.size else negatives.max()
+            total += max(0.0, margin + a[i, p] - chosen)
+            positives += 1
+    return total / positives
 
 
 @pytest.mark.parametrize("kind", ["scalar", "per_dim"])
@@ -118,36 +168,78 @@ def test_probface_loss_against_a_direct_computation(kind):
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(4), 3)
     emb = rng.normal(size=(12, 5))
-    log_s2 = rng.normal(-1, 0.5, size=(12, 1 if kind == "scalar" else 5))
+    log_s2 = rng.normal(-1 if kind == "scalar" else -3, 0.5, size=(12, 1 if kind == "scalar" else 5))
     loss = ProbFaceLoss(constraint_weight=0.01, triplet_weight=0.1)
     total = loss((torch.from_numpy(emb), torch.from_numpy(log_s2)), torch.from_numpy(labels))
 
     mu = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     s2 = np.exp(log_s2)
-    mls, a = [], np.zeros((12, 12))
+    mls = []
     for i in range(12):
         for j in range(12):
             t = s2[i] + s2[j]
-            a[i, j] = np.sum((mu[i] - mu[j]) ** 2 / t)  # scalar: 2 (1 - cos) / (s_i + s_j)
             if i != j and labels[i] == labels[j]:
                 if kind == "scalar":
                     mls.append(2 * (1 - mu[i] @ mu[j]) / t[0] + np.log(t[0]))
                 else:
                     mls.append(np.mean((mu[i] - mu[j]) ** 2 / t + np.log(t)))
     constraint = np.sum((s2 / s2.mean() - 1) ** 2)
-    triplet = direct_semi_hard(a, labels, 3.0)
-    assert float(total) == pytest.approx(np.mean(mls) + 0.01 * constraint + 0.1 * triplet, rel=1e-9)
-    assert loss.last_stats["triplet"] == pytest.approx(triplet)
+    triplet = probface_semi_hard(probface_attention(mu, s2), labels, 3.0)
+    assert 0.5 < triplet < 10  # the margin is active: the term has a gradient
+    expected = np.mean(mls) + 0.01 * constraint + 0.1 * triplet
+    assert float(total) == pytest.approx(expected, rel=1e-6, abs=1e-9 * abs(expected))
+    assert loss.last_stats["triplet"] == pytest.approx(triplet, rel=1e-6)
 
-    # the per-dimension attention distance with equal variances in every dimension is the scalar one
-    s = torch.from_numpy(s2[:, :1])
+
+def test_per_dimension_attention_is_the_mean_over_dimensions():
+    """ProbFace's per-dimension attention distance averages over D: with equal variances in every dimension
+    it is the scalar one divided by D. On 4 identities x 2 images in D = 256 with sigma^2 = 1e-3 (near the
+    per-dimension module's initial e^-7) a sum over D made every distance about 1,000, the semi-hard term 0
+    and its gradient 0; the mean gives distances of the order of the margin 3."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 256, generator=g, dtype=torch.float64)
+    emb = centres.repeat_interleave(2, 0) + torch.randn(8, 256, generator=g, dtype=torch.float64)
+    labels = torch.arange(4).repeat_interleave(2)
+    log_s2 = torch.full((8, 256), math.log(1e-3), dtype=torch.float64, requires_grad=True)
+    loss = ProbFaceLoss(mls_weight=0.0, constraint_weight=0.0, triplet_weight=1.0)
+    term = loss((emb, log_s2), labels)
+    mu = F.normalize(emb, dim=1).numpy()
+    expected = probface_semi_hard(probface_attention(mu, np.full((8, 256), 1e-3)), labels.numpy(), 3.0)
+    assert expected > 0.5
+    assert float(term.detach()) == pytest.approx(expected, rel=1e-6)
+    term.backward()
+    assert log_s2.grad.abs().sum() > 0
+
+    scalar = torch.from_numpy(np.exp(np.random.default_rng(2).normal(-1, 0.5, size=(8, 1))))
     torch.testing.assert_close(
-        attention_distances(torch.from_numpy(mu), s.expand(12, 5)),
-        attention_distances(torch.from_numpy(mu), s),
+        attention_distance(torch.from_numpy(mu), scalar.expand(8, 256)),
+        attention_distance(torch.from_numpy(mu), scalar) / 256,
+        rtol=1e-9,
+        atol=1e-12,
     )
 
 
+def test_the_triplet_term_reaches_sigma_only_unless_asked():
+    """mu is detached in the triplet term as in ProbFace: the gradient of sigma^2 is the same either way,
+    and mu receives one only with ``triplet_mu_gradient``."""
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(4).repeat_interleave(3)
+    grads = {}
+    for mu_gradient in (False, True):
+        emb = torch.randn(12, 6, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        log_s2 = torch.randn(12, 1, generator=g.manual_seed(5), requires_grad=True)
+        loss = ProbFaceLoss(mls_weight=0.0, constraint_weight=0.0, triplet_weight=1.0,
+                            triplet_mu_gradient=mu_gradient)  # fmt: skip
+        loss((emb, log_s2), labels).backward()
+        assert loss.last_stats["triplet"] > 0
+        grads[mu_gradient] = (emb.grad, log_s2.grad.clone())
+    assert grads[False][0] is None or not grads[False][0].any()
+    assert grads[True][0].abs().sum() > 0
+    torch.testing.assert_close(grads[False][1], grads[True][1], rtol=1e-6, atol=1e-9)
+
+
 def test_only_the_uncertainty_learns_from_the_mls_term():
+    torch.manual_seed(0)
     emb = torch.randn(8, 4, requires_grad=True)
     log_s2 = torch.zeros(8, 1, requires_grad=True)
     ProbFaceLoss(triplet_weight=0.0)((emb, log_s2), torch.arange(4).repeat_interleave(2)).backward()
@@ -213,20 +305,46 @@ def test_pair_scores_closed_form():
 # -------------------------------------------------------------------------------------- risk control
 
 
-def direct_ten_fold(dist: np.ndarray, same: np.ndarray, thresholds) -> float:
-    """Contiguous folds (sklearn KFold without shuffling), threshold by brute force on the other folds."""
-    n = len(same)
+def contiguous_folds(n: int) -> list[np.ndarray]:
+    """Test masks of 10 contiguous folds, the first n % 10 one longer (sklearn's KFold without shuffling,
+    as ProbFace's utils.KFold and the .bin protocol make them)."""
     sizes = [n // 10 + (1 if k < n % 10 else 0) for k in range(10)]
-    start, accuracies = 0, []
-    for size in sizes:
-        test = np.zeros(n, dtype=bool)
-        test[start : start + size] = True
-        start += size
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    masks = [np.zeros(n, dtype=bool) for _ in range(10)]
+    for k in range(10):
+        masks[k][bounds[k] : bounds[k + 1]] = True
+    return masks
+
+
+def direct_ten_fold(dist: np.ndarray, same: np.ndarray, thresholds) -> float:
+    """Threshold by brute force on the other folds, the first best, "same" when dist < threshold."""
+    accuracies = []
+    for test in contiguous_folds(len(same)):
         candidates = thresholds(dist[~test])
         train_acc = [np.mean((dist[~test] < t) == same[~test]) for t in candidates]
         best = candidates[int(np.argmax(train_acc))]
         accuracies.append(np.mean((dist[test] < best) == same[test]))
     return float(np.mean(accuracies))
+
+
+def probface_ten_fold(score: np.ndarray, same: np.ndarray) -> float:
+    """ProbFace's verification (evaluation/verification_risk.py ``calculate_roc`` with metrics.accuracy):
+    on the other folds every genuine pair's score is a candidate, "same" when score >= candidate, the
+    threshold is the mean of all candidates of the best accuracy; applied alike to the held-out fold."""
+    accuracies = []
+    for test in contiguous_folds(len(same)):
+        candidates = np.sort(score[~test][same[~test]])
+        train_acc = np.array([np.mean((score[~test] >= t) == same[~test]) for t in candidates])
+        threshold = np.mean(candidates[train_acc == train_acc.max()])
+        accuracies.append(np.mean((score[test] >= threshold) == same[test]))
+    return float(np.mean(accuracies))
+
+
+def test_probface_threshold_is_the_mean_of_the_best_genuine_scores():
+    # genuine 0.9, 0.8, 0.5, impostors 0.6, 0.2: candidates 0.5 and 0.8 both classify 4 of 5 right
+    scores, same = np.array([0.9, 0.6, 0.8, 0.2, 0.5]), np.array([True, False, True, False, True])
+    assert risk.probface_threshold(scores, same) == pytest.approx(0.65)
+    assert risk.probface_threshold(scores[~same], same[~same]) == np.inf  # no genuine pair: all "different"
 
 
 def test_risk_controlled_accuracy_against_a_direct_reimplementation():
@@ -242,25 +360,36 @@ def test_risk_controlled_accuracy_against_a_direct_reimplementation():
     mu /= np.linalg.norm(mu, axis=1, keepdims=True)
     s2 = sigma**2
     rows = risk.risk_controlled(mu, s2, same, (0.0, 0.1, 0.2, 0.3), "max")
+    bin_rows = risk.risk_controlled(mu, s2, same, (0.0, 0.1, 0.2, 0.3), "max", thresholds="bin")
     u = np.maximum(s2[0::2, 0], s2[1::2, 0])
     grid = lambda _: np.arange(0, 4, 0.01)  # noqa: E731 - the .bin protocol's thresholds
-    for row in rows:
+
+    def midpoints(train_dist):
+        v = np.unique(train_dist)
+        return np.concatenate([[v[0] - 1], (v[:-1] + v[1:]) / 2, [v[-1] + 1]])
+
+    differs = 0
+    for row, bin_row in zip(rows, bin_rows, strict=True):
         keep = u <= np.percentile(u, 100 * (1 - row["risk"]))
-        assert row["pairs"] == keep.sum()
+        assert row["pairs"] == bin_row["pairs"] == keep.sum()
         a, b = mu[0::2][keep], mu[1::2][keep]
-        cosine = direct_ten_fold(np.sum((a - b) ** 2, axis=1), same[keep], grid)
         t = s2[0::2, 0][keep] + s2[1::2, 0][keep]
-        mls = -(2 * (1 - np.sum(a * b, axis=1)) / t + np.log(t))
-
-        def midpoints(train_dist):
-            v = np.unique(train_dist)
-            return np.concatenate([[v[0] - 1], (v[:-1] + v[1:]) / 2, [v[-1] + 1]])
-
-        assert row["cosine_accuracy"] == pytest.approx(cosine)
-        assert row["mls_accuracy"] == pytest.approx(direct_ten_fold(-mls, same[keep], midpoints))
+        cosine = np.sum(a * b, axis=1)
+        mls = -(2 * (1 - cosine) / t + np.log(t))
+        assert row["cosine_accuracy"] == pytest.approx(probface_ten_fold(cosine, same[keep]), abs=1e-12)
+        assert row["mls_accuracy"] == pytest.approx(probface_ten_fold(mls, same[keep]), abs=1e-12)
+        bin_cosine = direct_ten_fold(np.sum((a - b) ** 2, axis=1), same[keep], grid)
+        assert bin_row["cosine_accuracy"] == pytest.approx(bin_cosine, abs=1e-12)
+        bin_mls = direct_ten_fold(-mls, same[keep], midpoints)
+        assert bin_row["mls_accuracy"] == pytest.approx(bin_mls, abs=1e-12)
+        differs += row["cosine_accuracy"] != bin_row["cosine_accuracy"]
+    assert differs  # the two rules are not the same rule
     assert [r["pairs"] for r in rows] == [240, 216, 192, 168]
     assert rows[-1]["cosine_accuracy"] > rows[0]["cosine_accuracy"]  # refusing uncertain pairs helps
     np.testing.assert_array_equal(risk.pair_uncertainty(s2, "sum"), s2[0::2, 0] + s2[1::2, 0])
+    per_dim = rng.uniform(0.1, 1.0, size=(8, 3))  # one u per pair: a per-dimension sigma^2 by its mean
+    expected_u = np.maximum(per_dim[0::2].mean(1), per_dim[1::2].mean(1))
+    np.testing.assert_allclose(risk.pair_uncertainty(per_dim), expected_u, rtol=1e-12)
     assert risk.sigma2_percentiles(s2)["p50"] == pytest.approx(np.median(s2))
 
 
@@ -316,7 +445,9 @@ def test_probface_trains_only_the_uncertainty_on_the_frozen_backbone(
     assert state["backbone"].keys() == start["backbone"].keys()
     for key, value in start["backbone"].items():  # weights and BN statistics, bit for bit
         assert torch.equal(state["backbone"][key], value), key
-    assert float(state["uncertainty"]["gamma"]) != pytest.approx(0.1)
+    # this 2-step backbone gives every face the same map (variance ~1e-12), which BN's epsilon 1e-3 keeps
+    # from becoming noise with a gradient: the shared shift is what moves
+    assert float(state["uncertainty"]["beta"]) < -1.0 - 1e-4
     trained = [i for group in state["optimizer"]["param_groups"] for i in group["params"]]
     assert len(trained) == len(state["optimizer"]["state"]) == 6  # fc1, bn1 (2), fc2, gamma, beta only
     log = (out / "train.log").read_text()
@@ -349,10 +480,19 @@ def test_risk_and_plot_commands_on_a_probface_checkpoint(faces, pretrained, prob
     result = json.loads((tmp_path / "r.json").read_text())
     kept = [row["pairs"] for row in result["lfw"]["rows"]]
     assert kept[0] == 40 and kept == sorted(kept, reverse=True) and kept[-1] < 40
-    # the numbers are those of the library function on the same features
+    # the numbers are those of the library function on the same features: by default each image alone
+    # and ProbFace's thresholds, as its evaluation; --flip fuses the mirror image, --thresholds bin
     val = load_bin(bin_path)
-    mu, sigma2 = extract_uncertain(load_probface(out / "last.pt"), val.images)
+    embedder = load_probface(out / "last.pt")
+    mu, sigma2 = extract_uncertain(embedder, val.images, flip=False)
     assert result["lfw"]["rows"] == risk.risk_controlled(mu, sigma2, val.issame)
+    assert result["settings"]["flip"] is False and result["settings"]["thresholds"] == "probface"
+    argv = ["--model", str(out / "last.pt"), "--bin", str(bin_path), "--json", str(tmp_path / "f.json")]
+    assert risk.main([*argv, "--flip", "--thresholds", "bin"]) == 0
+    flipped = json.loads((tmp_path / "f.json").read_text())["lfw"]["rows"]
+    mu, sigma2 = extract_uncertain(embedder, val.images, flip=True)
+    assert flipped == risk.risk_controlled(mu, sigma2, val.issame, thresholds="bin")
+    assert flipped != result["lfw"]["rows"]
 
     png = tmp_path / "faces.png"
     assert (
