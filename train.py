@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -40,7 +41,6 @@ from core.checkpoint import (
     CheckpointError,
     load_checkpoint,
     resolve_resume,
-    rng_state,
     save_step_checkpoint,
 )
 from core.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
@@ -55,6 +55,7 @@ from core.distributed import (
 )
 from core.embedders import TorchEmbedder
 from core.extract import extract
+from core.fileio import remove_stale_temp_files
 from core.logbook import Logbook
 from core.optim import build_optimizer, build_scheduler
 from core.registry import UnknownNameError
@@ -338,10 +339,20 @@ def build_miner(cfg: Config, positions: dict, classifier: PartialFC) -> Closenes
 
 
 def seed_step(run: Run) -> None:
-    """Reseed torch from (seed, rank, step): dropout and class sampling after a resume draw what an
-    uninterrupted run would have drawn, without restoring generator states."""
-    seed = np.random.SeedSequence([run.cfg.experiment.seed, get_rank(), run.step]).generate_state(1)[0]
-    torch.manual_seed(int(seed))
+    """Reseed torch (CPU and CUDA), NumPy's and Python's global generators from (seed, rank, step).
+
+    Everything random in a step is then a function of those numbers: dropout and Partial FC's class
+    sampling (torch), and whatever a plugged-in module draws from a global generator. The rest is keyed too
+    (the batch order by (seed, epoch), each image's augmentation by (seed, epoch, index)). So a run resumed
+    from a checkpoint's step and sampler position draws on every rank what the uninterrupted run drew,
+    although the checkpoint, written by rank 0 alone, holds no generator state (it could hold only rank 0's).
+    """
+    torch_seed, other_seed = np.random.SeedSequence(
+        [run.cfg.experiment.seed, get_rank(), run.step]
+    ).generate_state(2)
+    torch.manual_seed(int(torch_seed))
+    np.random.seed(int(other_seed))
+    random.seed(int(other_seed))
 
 
 def network_input(run: Run, images: torch.Tensor) -> torch.Tensor:
@@ -588,7 +599,6 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "global_batch": run.sampler.global_batch,
             "seed": cfg.experiment.seed,
         },
-        "rng": rng_state(),
         "train": {"best": run.best, "skipped_steps": run.skipped_steps},
         "validation": run.validation,
         "difficulty": run.difficulty.scores if run.difficulty is not None else None,
@@ -689,8 +699,10 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
     run = build(cfg, device)
     run.val_sets = [load_bin(path) for path in run.val_paths]
     rank0 = get_rank() == 0
+    stale: list[Path] = []
     if rank0:
         run.out.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temp_files(run.out)  # partial files of saves a kill interrupted
         dump_config(cfg, run.out / "config.yaml")
     path = resolve_resume(resume_from, run.out) if resume_from else None
     note = resume(run, path) if path is not None else None
@@ -698,6 +710,8 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
         note = f"no checkpoint in {run.out}; starting fresh"
     log = Logbook(run.out, run.total_steps, start_step=run.step, enabled=rank0)
     try:
+        if stale:
+            log.line(f"removed {len(stale)} partial files of interrupted writes: {[p.name for p in stale]}")
         if note:
             log.line(note)
         log.line(

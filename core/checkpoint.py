@@ -1,25 +1,26 @@
 """Checkpoints: one file per save, one dict, written atomically, loaded with ``weights_only=True``.
 
 The dict holds ``format_version``, the resolved ``config``, the ``backbone``/``head`` state dicts (the head
-unsharded), ``optimizer``, ``scheduler``, ``scaler``, ``step``/``epoch``, ``rng`` and ``sampler`` state,
-and ``meta`` (architecture, embedding size, input size, colour order, normalisation). Everything in it is
-tensors and plain Python values, so loading never unpickles code.
+unsharded), ``optimizer``, ``scheduler``, ``scaler``, ``step``/``epoch``, ``sampler`` state, and ``meta``
+(architecture, embedding size, input size, colour order, normalisation). Everything in it is tensors and
+plain Python values, so loading never unpickles code. It holds no random generator state: ``train.py``
+draws everything random from the seed, the rank, the step, the epoch and the image index (see
+``train.seed_step``), so the step and the sampler position are all a resumed run needs to draw, on every
+rank, what an uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from core.fileio import atomic_write
+from core.fileio import atomic_write, temp_path
 
 FORMAT_VERSION = 1
 NORMALIZATION = "(x/255 - 0.5) / 0.5"
@@ -55,39 +56,6 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return state
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) generator states as tensors and plain values."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    np_state = state["numpy"]
-    key = np_state["key"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", key, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    """``random.setstate`` needs tuples; a saved state may come back with lists."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def numbered_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
     """The ``step_N.pt`` files of ``folder``, oldest (smallest N) first."""
     folder = Path(folder)
@@ -114,13 +82,16 @@ def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src`` atomically (hard link, or a copy where links fail)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(dst)  # the atomic writer's pattern: what a kill leaves, remove_stale_temp_files removes
     try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_step_checkpoint(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,15 +58,6 @@ def shutdown_distributed() -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` of rank ``src`` on every rank (picklable Python values only)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def any_rank(flag: bool) -> bool:

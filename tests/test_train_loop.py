@@ -4,6 +4,7 @@ it learns, resumes exactly after a kill, and 2 gloo processes equal 1 process wi
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -158,6 +159,54 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(faces, tmp_path):
         )
     assert torch.equal(sa["difficulty"], sb["difficulty"])  # the per-image scores survive the kill too
     assert "resumed" in (broken / "train.log").read_text()
+
+
+def test_a_resumed_run_draws_from_the_global_generators_what_an_uninterrupted_one_draws(
+    faces, tmp_path, monkeypatch
+):
+    """Each step's draws from torch's, NumPy's and Python's global generators (dropout, Partial FC's class
+    sampling, a plugged-in module's noise) follow from (seed, rank, step): resumed after 1 of 2 steps in a
+    process whose generators are elsewhere, the run ends with the same weights, bit for bit."""
+    real = train.forward_loss
+
+    def forward_loss(run, images, labels):  # a loss scaled by one draw of each global generator
+        draws = torch.rand(()).item() + float(np.random.rand()) + random.random()
+        return real(run, images, labels) * (1.0 + draws)
+
+    monkeypatch.setattr(train, "forward_loss", forward_loss)
+    settings = ("data.batch_size=8", "model.input_size=16", "model.dropout=0.2", "head.sample_rate=0.5",
+                "train.max_steps=2")  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train.fit(load_config(CONFIG, overrides(faces["small"], full, *settings, "train.save_every=1")))
+    torch.manual_seed(123)  # a fresh process: its generators are not where the killed one left them
+    np.random.seed(123)
+    random.seed(123)
+    train.fit(load_config(CONFIG, overrides(faces["small"], resumed, *settings)), str(full / "step_1.pt"))
+    a, b = trained_tensors(full / "last.pt"), trained_tensors(resumed / "last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the draws matter: the same step after other draws ends elsewhere
+    monkeypatch.setattr(train, "seed_step", lambda run: None)
+    other = tmp_path / "other"
+    train.fit(load_config(CONFIG, overrides(faces["small"], other, *settings)), str(full / "step_1.pt"))
+    c = trained_tensors(other / "last.pt")
+    assert any(not torch.equal(a[key], c[key]) for key in a)
+
+
+def test_a_run_removes_partial_files_of_interrupted_saves_from_its_output_dir(faces, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".step_4.pt.x1y2z3w4.tmp").write_bytes(b"half a checkpoint")  # the atomic writer's temporary
+    (out / ".last.pt.0123abcd.tmp").write_bytes(b"a copy of last.pt, interrupted")
+    for name in ("notes.tmp", ".step_4.pt.tmp", "step_4.pt.x1y2z3w4.tmp"):  # other names stay
+        (out / name).write_bytes(b"user data")
+    settings = ("data.batch_size=8", "model.input_size=16", "train.max_steps=1")
+    train.fit(load_config(CONFIG, overrides(faces["small"], out, *settings)))
+    names = {p.name for p in out.iterdir()}
+    assert {"notes.tmp", ".step_4.pt.tmp", "step_4.pt.x1y2z3w4.tmp", "step_1.pt", "last.pt"} <= names
+    assert not any(name.endswith(".tmp") and name.count(".") >= 4 and name.startswith(".") for name in names)
+    assert "removed 2 partial files of interrupted writes" in (out / "train.log").read_text()
 
 
 def max_difference(a: Path, b: Path) -> float:
