@@ -331,7 +331,7 @@ def build_miner(cfg: Config, positions: dict, classifier: PartialFC) -> Closenes
     return ClosenessDiversityMiner(
         positions, classes=m.cd_classes, num_easy=m.cd_easy, num_hard=m.cd_hard, negatives=m.cd_negatives,
         weight_closeness=m.cd_weight_closeness, weight_diversity=m.cd_weight_diversity,
-        percentile=m.cd_percentile, scale=m.cd_scale,
+        percentile=m.cd_percentile, scale=m.cd_scale, prototype_rows=m.cd_prototypes,
     )  # fmt: skip
 
 

@@ -179,6 +179,9 @@ class MiningConfig:
     cd_weight_diversity: float = 1.0
     cd_percentile: float = 0.2
     cd_scale: float = 64.0
+    # Whose top negatives make the prototypes: the last sample of each selected class in the rank's batch
+    # (the method's released code) or all of its samples (more prototypes when a class repeats).
+    cd_prototypes: Literal["last", "all"] = "last"
 
 
 @dataclass

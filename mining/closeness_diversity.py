@@ -8,8 +8,11 @@ and adds
     W_C * closeness(easy groups) + W_D * diversity(hard embeddings, prototypes)
 
 where the prototypes are the (detached) class centres of the union of the selected classes' hard negative
-classes: the top-N_P non-target classes of their samples in the batch, ranked by the head's cosines across
-all class shards. The auxiliary gradient of every rank is summed over ranks and divided by the world size
+classes: the top-N_P non-target classes, ranked by the head's cosines across all class shards, of one sample
+per selected class (``prototype_rows="last"``: its last sample in this rank's batch, as the method's
+released code keys its per-class lists by label, so a later sample of a class replaces an earlier one) or
+of all its samples in the batch (``"all"``: more prototypes when classes repeat; docs/methods.md §3.8).
+The auxiliary gradient of every rank is summed over ranks and divided by the world size
 (the mean of the ranks' terms), then added to the step's gradient before the optimizer step.
 """
 
@@ -41,7 +44,11 @@ class ClosenessDiversityMiner:
     load: dataset positions -> uint8 image batch (the training transform of the current epoch).
     classes, num_easy, num_hard, negatives: K (over all ranks), N_E, N_H, N_P.
     weight_closeness, weight_diversity, scale: W_C, W_D and the diversity scale s.
+    prototype_rows: whose hard negatives make the prototypes: ``last`` (the last sample of each selected
+        class in this rank's batch) or ``all`` (every sample of it).
     """
+
+    PROTOTYPE_ROWS = ("last", "all")
 
     def __init__(
         self,
@@ -55,11 +62,16 @@ class ClosenessDiversityMiner:
         weight_diversity: float = 1.0,
         percentile: float = 0.2,
         scale: float = 64.0,
+        prototype_rows: str = "last",
     ) -> None:
         if num_easy < 2 or num_hard < 1:
             raise ValueError(
                 f"closeness needs >= 2 easy images and diversity >= 1 hard, got {num_easy}, {num_hard}"
             )
+        if prototype_rows not in self.PROTOTYPE_ROWS:
+            choices = ", ".join(self.PROTOTYPE_ROWS)
+            raise ValueError(f"mining.cd_prototypes must be one of {choices}, got {prototype_rows!r}")
+        self.prototype_rows = prototype_rows
         self.sampler = EasyHardSampler(positions, num_easy=num_easy, num_hard=num_hard, percentile=percentile)
         self.load, self.classes, self.negatives = load, classes, negatives
         self.weight_closeness, self.weight_diversity, self.scale = weight_closeness, weight_diversity, scale
@@ -75,12 +87,17 @@ class ClosenessDiversityMiner:
     ) -> torch.Tensor:
         """Centres of the union of the selected classes' hard negatives (from the last global batch)."""
         negatives = classifier.top_negatives(self.negatives)  # (N global, N_P) class ids, every rank alike
-        rows = get_rank() * len(labels) + torch.nonzero(
-            torch.isin(labels.cpu(), torch.from_numpy(selected))
-        ).squeeze(1)
+        rows = get_rank() * len(labels) + self.prototype_samples(labels.cpu().numpy(), selected)
         union = torch.unique(negatives[rows.to(negatives.device)].flatten())
         union = union[(union >= 0) & ~torch.isin(union, torch.from_numpy(selected).to(union.device))]
         return classifier.gather_centres(union.to(device))
+
+    def prototype_samples(self, labels: np.ndarray, selected: np.ndarray) -> torch.Tensor:
+        """Positions in ``labels`` (this rank's batch) of the samples whose hard negatives are used."""
+        if self.prototype_rows == "all":
+            return torch.from_numpy(np.flatnonzero(np.isin(labels, selected)))
+        last = len(labels) - 1 - np.unique(labels[::-1], return_index=True)[1]  # per sorted class
+        return torch.from_numpy(np.sort(last[np.isin(np.unique(labels), selected)]))
 
     def gradient(
         self,

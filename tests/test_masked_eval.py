@@ -16,8 +16,10 @@ from validation_hq.protocol import evaluate_pairs
 
 
 def crossing_by_hand(same: np.ndarray, diff: np.ndarray, bins: int = 100) -> float:
-    """The FYP rule written out with loops: common bins over [floor(min), ceil(max)], counts, the least
-    different bin from the same-pairs' mode up to (not including) the different-pairs' mode."""
+    """The least-difference rule written out with loops: common bins over [floor(min), ceil(max)], counts,
+    the least different bin from the same-pairs' mode up to (not including) the different-pairs' mode.
+    (The default, the FYP's first-crossing rule, is checked against the FYP's own code in
+    test_seed_fidelity_cd_masked.py.)"""
     every = list(same) + list(diff)
     low, high = math.floor(min(every)), math.ceil(max(every))
     high = high if high > low else low + 1
@@ -37,7 +39,7 @@ def crossing_by_hand(same: np.ndarray, diff: np.ndarray, bins: int = 100) -> flo
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_crossing_threshold_equals_the_rule_written_out(seed):
+def test_least_difference_crossing_equals_the_rule_written_out(seed):
     rng = np.random.default_rng(seed)
     n_same, n_diff = rng.integers(50, 400, size=2)
     # seed 5: same pairs farther than different ones, so the whole range is searched
@@ -46,8 +48,8 @@ def test_crossing_threshold_equals_the_rule_written_out(seed):
     diff = np.clip(rng.normal(mu_diff, rng.uniform(0.08, 0.2), n_diff), 0, 2)
     # distances on bin edges and repeated values exercise the binning and the ties
     same[:5] = [0.5, 0.5, 1.0, 1.0, 1.02]
-    result = masked.crossing_threshold(same, diff)
-    assert result["threshold"] == pytest.approx(crossing_by_hand(same, diff), abs=1e-12)
+    result = masked.crossing_threshold(same, diff, rule="least")
+    assert result["threshold"] == pytest.approx(crossing_by_hand(same, diff), rel=1e-12)
     assert result["same_hist"].sum() == n_same and result["diff_hist"].sum() == n_diff
     assert result["separated"] == (seed != 5)
 
@@ -61,14 +63,18 @@ def gaussian_crossing(m1: float, s1: float, m2: float, s2: float) -> float:
     return float(next(r.real for r in roots if m1 < r.real < m2))
 
 
+@pytest.mark.parametrize("rule", ["first", "least"])
 @pytest.mark.parametrize(("m1", "s1", "m2", "s2"), [(0.8, 0.12, 1.3, 0.12), (0.8, 0.08, 1.35, 0.16)])
-def test_crossing_threshold_finds_where_the_densities_cross(m1, s1, m2, s2):
+def test_crossing_threshold_finds_where_the_densities_cross(m1, s1, m2, s2, rule):
     rng = np.random.default_rng(1)
     same, diff = rng.normal(m1, s1, 200_000), rng.normal(m2, s2, 200_000)
-    result = masked.crossing_threshold(np.clip(same, 0, 2), np.clip(diff, 0, 2))
+    result = masked.crossing_threshold(np.clip(same, 0, 2), np.clip(diff, 0, 2), rule=rule)
     width = result["edges"][1] - result["edges"][0]  # 2/100: the range is [0, 2]
     assert width == pytest.approx(0.02)
-    assert abs(result["threshold"] - gaussian_crossing(m1, s1, m2, s2)) <= 1.5 * width
+    offset = result["threshold"] - gaussian_crossing(m1, s1, m2, s2)
+    # least: the centre of the bin holding the crossing; first: the centre of the bin below that one
+    low, high = (-0.5, 0.5) if rule == "least" else (-1.0, 0.0)
+    assert low * width - 0.25 * width <= offset <= high * width + 0.25 * width
 
 
 def test_confusion_matrix_and_pair_test_on_known_features():

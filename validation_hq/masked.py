@@ -4,9 +4,10 @@
 
 Each pair is compared as the masked-face FYP compares it: Euclidean distance between unit features
 (flip-fused as the 10-fold protocol fuses them, unless ``--fusion none``); the threshold is where the
-100-bin histograms of same-person and different-person distances cross (:func:`crossing_threshold`);
-a pair is called "same" when its distance is at most the threshold. The report gives that accuracy
-with its confusion matrix (TP, FP, TN, FN), beside the 10-fold accuracy of ``validation_hq.protocol``
+100-bin histograms of same-person and different-person distances cross, by the FYP's rule or, with
+``--crossing least``, at the bin where they differ least (:func:`crossing_threshold`); a pair is
+called "same" when its distance is at most the threshold. The report gives that accuracy with its
+confusion matrix (TP, FP, TN, FN), beside the 10-fold accuracy of ``validation_hq.protocol``
 on the same features. The crossing threshold is fitted on the pairs it scores (the FYP fitted it on a
 separate evaluation split), so its accuracy is an in-sample figure; the 10-fold one is not.
 
@@ -37,20 +38,33 @@ from validation_hq.protocol import FUSIONS, evaluate_pairs, fuse_flip
 
 MASK_MODES = ("none", "one", "both")
 BINS = 100
+CROSSING_RULES = ("first", "least")
 
 
 # ---------------------------------------------------------------------------------------------- the test
 
 
-def crossing_threshold(same: np.ndarray, diff: np.ndarray, bins: int = BINS) -> dict[str, Any]:
+def crossing_threshold(
+    same: np.ndarray, diff: np.ndarray, bins: int = BINS, rule: str = "first"
+) -> dict[str, Any]:
     """The distance where the same-pair and different-pair histograms cross.
 
-    Both histograms share ``bins`` equal bins over ``[floor(min), ceil(max)]`` of all distances. Between
-    the fullest bin of the same pairs and the fullest bin of the different pairs (that one excluded) the
-    bin where the two counts differ least (the first such bin on ties) is the crossing; the threshold is
-    its centre. When the same pairs' mode is not below the different pairs' one (a model that cannot
-    tell them apart) the whole range is searched.
+    Both histograms share ``bins`` equal bins over ``[floor(min), ceil(max)]`` of all distances. The search
+    runs from the fullest bin of the same pairs up to (not including) the fullest bin of the different
+    pairs, or over the whole range when the same pairs' mode is not below the different pairs' one (a model
+    that cannot tell them apart).
+
+    ``rule="first"`` (the masked-face FYP's ``evalulate``): the first bin k of the search where the different
+    pairs are at least as many as the same pairs (two empty bins count); the threshold is the centre of the
+    bin before it, ``low + (k - 1/2) * width``. Where that code fails (no such bin before the different
+    pairs' mode: it raises; k = 0: it wraps to the last edge) the search here continues to the end of the
+    range (an error if the counts never cross), and k = 0 gives half a bin below the lower edge (every pair
+    "different").
+    ``rule="least"``: the bin of the search where the two counts differ least (the first on ties); the
+    threshold is its centre, about one bin above the first rule's.
     """
+    if rule not in CROSSING_RULES:
+        raise ValueError(f"crossing rule must be one of {', '.join(CROSSING_RULES)}, got {rule!r}")
     same, diff = np.asarray(same, dtype=np.float64), np.asarray(diff, dtype=np.float64)
     if same.size == 0 or diff.size == 0:
         raise ValueError(f"need same and different pairs, got {same.size} same and {diff.size} different")
@@ -64,16 +78,26 @@ def crossing_threshold(same: np.ndarray, diff: np.ndarray, bins: int = BINS) -> 
     same_hist = np.histogram(same, edges)[0]
     diff_hist = np.histogram(diff, edges)[0]
     start, stop = int(np.argmax(same_hist)), int(np.argmax(diff_hist))
-    if start >= stop:
+    separated = start < stop
+    if not separated:
         start, stop = 0, bins
-    k = start + int(np.argmin(np.abs(same_hist[start:stop] - diff_hist[start:stop])))
+    if rule == "least":
+        k = start + int(np.argmin(np.abs(same_hist[start:stop] - diff_hist[start:stop])))
+        threshold = (edges[k] + edges[k + 1]) / 2
+    else:
+        crossed = np.flatnonzero(diff_hist[start:] >= same_hist[start:])
+        if crossed.size == 0:  # the same pairs outnumber the different ones to the end of the range
+            raise ValueError("the same-pair histogram never falls to the different-pair one")
+        k = start + int(crossed[0])
+        threshold = low + (k - 0.5) * (high - low) / bins
     return {
-        "threshold": float((edges[k] + edges[k + 1]) / 2),
+        "threshold": float(threshold),
         "bin": k,
+        "rule": rule,
         "edges": edges,
         "same_hist": same_hist,
         "diff_hist": diff_hist,
-        "separated": bool(np.argmax(same_hist) < np.argmax(diff_hist)),
+        "separated": bool(separated),
     }
 
 
@@ -94,17 +118,19 @@ def confusion(dist: np.ndarray, issame: np.ndarray, threshold: float) -> dict[st
     }
 
 
-def pair_test(features: np.ndarray, issame: np.ndarray) -> dict[str, Any]:
-    """The histogram-crossing test and the 10-fold protocol on unit ``features`` (2N, D)."""
+def pair_test(features: np.ndarray, issame: np.ndarray, rule: str = "first") -> dict[str, Any]:
+    """The histogram-crossing test (``rule``: see :func:`crossing_threshold`) and the 10-fold protocol on
+    unit ``features`` (2N, D)."""
     issame = np.asarray(issame, dtype=bool)
     dist = np.linalg.norm(features[0::2] - features[1::2], axis=1)
-    crossing = crossing_threshold(dist[issame], dist[~issame])
+    crossing = crossing_threshold(dist[issame], dist[~issame], rule=rule)
     ten_fold = evaluate_pairs(features, issame)
     same, diff = dist[issame], dist[~issame]
     spread = math.sqrt((same.var() + diff.var()) / 2)
     return {
         "pairs": len(issame),
         "threshold": crossing["threshold"],
+        "rule": rule,
         "histograms_separated": crossing["separated"],
         **confusion(dist, issame, crossing["threshold"]),
         "ten_fold_accuracy": ten_fold["accuracy"],
@@ -145,13 +171,15 @@ def masked_copies(
 def evaluate_masked(
     embed, images: np.ndarray, issame: np.ndarray, modes: Sequence[str] = MASK_MODES, seed: int = 0,
     types: Sequence[str] = masks.SYNTHETIC_TYPES, overlays: Mapping[str, np.ndarray] | None = None,
-    fusion: str = "sum", batch_size: int = 128,
+    fusion: str = "sum", batch_size: int = 128, rule: str = "first",
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """:func:`pair_test` of each mask mode. Unmasked and masked faces are embedded once each and shared
     by the modes (``one`` = unmasked references with masked probes)."""
     for mode in modes:
         if mode not in MASK_MODES:
             raise ValueError(f"mask mode must be one of {', '.join(MASK_MODES)}, got {mode!r}")
+    if rule not in CROSSING_RULES:
+        raise ValueError(f"crossing rule must be one of {', '.join(CROSSING_RULES)}, got {rule!r}")
     flip = fusion != "none"
     need_plain = any(m in ("none", "one") for m in modes)
     need_masked = {m for m in modes if m != "none"}
@@ -172,7 +200,7 @@ def evaluate_masked(
         else:
             features = plain.copy()
             features[1::2] = masked[1::2]
-        results[mode] = pair_test(features, issame)
+        results[mode] = pair_test(features, issame, rule)
     return results
 
 
@@ -205,7 +233,7 @@ def plot_histograms(
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.2), squeeze=False)
     for ax, (mode, r) in zip(axes[0], results.items(), strict=True):
         dist = r["distances"]
-        crossing = crossing_threshold(dist[issame], dist[~issame])
+        crossing = crossing_threshold(dist[issame], dist[~issame], rule=r["rule"])
         edges = crossing["edges"]
         ax.stairs(crossing["same_hist"], edges, fill=True, alpha=0.5, label="same")
         ax.stairs(crossing["diff_hist"], edges, fill=True, alpha=0.5, label="different")
@@ -244,6 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--pairs", type=int, help="only N pairs, evenly spaced over the set")
     parser.add_argument("--fusion", choices=FUSIONS, default="sum", help="flip fusion (none: no flip)")
+    parser.add_argument(
+        "--crossing", choices=CROSSING_RULES, default="first",
+        help="threshold rule: first (the FYP's: centre of the bin before the first where different pairs "
+        "are at least as many) or least (centre of the bin where the counts differ least)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write the distance histograms here (.png, .pdf)")
@@ -262,12 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             images, issame, pairs_used = spread_pairs(images, issame, args.pairs)
         embed = load_embedder(args.model, backbone=args.backbone, color=args.color)
         results = evaluate_masked(embed, images, issame, args.mask, args.seed, types, overlays, args.fusion,
-                                  args.batch_size)  # fmt: skip
+                                  args.batch_size, args.crossing)  # fmt: skip
     except (FileNotFoundError, ValueError, VerificationFileError, DecodeError) as err:
         print(f"masked: {err}", file=sys.stderr)
         return 2
     print(f"model {args.model}: {embed.color.upper()} input, flip fusion {args.fusion}, masks "
-          f"{', '.join(types)} (seed {args.seed}); 'same': distance <= the crossing threshold")  # fmt: skip
+          f"{', '.join(types)} (seed {args.seed}); 'same': distance <= the crossing threshold "
+          f"({args.crossing} rule)")  # fmt: skip
     print(format_table(val.name, results))
     if args.plot:
         plot_histograms(results, issame, args.plot, f"{val.name}: {args.model.name}")
@@ -277,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bin": str(args.bin),
             "results": {m: {k: v for k, v in r.items() if k != "distances"} for m, r in results.items()},
             "settings": {"model": str(args.model), "color": embed.color, "fusion": args.fusion,
-                         "types": list(types), "seed": args.seed, "bins": BINS, "pairs_used": pairs_used,
+                         "types": list(types), "seed": args.seed, "bins": BINS, "crossing": args.crossing,
+                         "pairs_used": pairs_used,
                          "distance": "euclidean, unit features"},
         }  # fmt: skip
         with atomic_write(args.json, "w", encoding="utf-8") as fh:
