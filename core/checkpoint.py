@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from core.fileio import atomic_write, temp_path
+from core.fileio import WriteError, atomic_write, temp_path
 
 FORMAT_VERSION = 1
 NORMALIZATION = "(x/255 - 0.5) / 0.5"
@@ -89,8 +89,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         except OSError:  # file systems without hard links
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, a read-only folder
+            raise WriteError(dst, exc) from exc
         raise
 
 

@@ -3,6 +3,11 @@
 A write goes to ``.<name>.<8 random characters>.tmp`` beside its target and is renamed over it when complete.
 A process killed mid-write leaves that temporary file behind (for an IResNet-100 checkpoint 1-2 GB);
 :func:`remove_stale_temp_files` deletes those of a folder, and nothing else.
+
+A write that the file system refuses (disk full, read-only folder, a path under a file) raises
+:class:`WriteError`, whose message is one line naming the target and the system's reason, whatever layer
+met the error first (``torch.save`` reports a full disk as "unexpected pos ..." with the ENOSPC only in
+its context); :func:`describe_os_error` words any other ``OSError`` the same way.
 """
 
 from __future__ import annotations
@@ -20,12 +25,53 @@ from typing import IO, Any
 TEMP_FILE = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 
 
+class WriteError(OSError):
+    """A file the system would not let us write: ``str()`` is "cannot write PATH: REASON" (``strerror``)."""
+
+    def __init__(self, path: str | os.PathLike[str], cause: OSError, reason: str = "") -> None:
+        super().__init__(cause.errno, reason or cause.strerror or str(cause), str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes despite its own signature
+        return WriteError, (self.filename, OSError(self.errno, self.strerror))
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError``: "PATH: REASON" (both paths of a rename), or its own message when it
+    names no file (a ``FileNotFoundError`` raised with a sentence)."""
+    if isinstance(err, WriteError) or not err.strerror:
+        return str(err)
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return f"{paths}: {err.strerror}" if paths else err.strerror
+
+
+def os_error_in(exc: BaseException | None) -> OSError | None:
+    """``exc`` if it is an ``OSError``, else the first one in its chain of causes and contexts."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed."""
+    """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    A failure of the file system (creating the folder or the temporary file, writing, syncing, renaming)
+    raises :class:`WriteError` naming ``path``; an ``OSError`` about another file (one the caller reads
+    inside the block) passes through unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        blocker = _file_among_parents(path.parent)
+        raise WriteError(path, err, f"{blocker} is a file, not a folder" if blocker else "") from err
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; others on a cluster must read results
         with os.fdopen(fd, mode, **open_kwargs) as fh:
@@ -33,10 +79,23 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs: 
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = os_error_in(exc) if isinstance(exc, Exception) else None
+        # the write itself failed (no file named, or ours), not a read of another file in the block
+        ours = cause is not None and cause.errno is not None and cause.filename in (None, tmp, str(path))
+        if ours and not isinstance(exc, WriteError):
+            raise WriteError(path, cause) from exc
         raise
+
+
+def _file_among_parents(folder: Path) -> Path | None:
+    """The first of ``folder`` and its parents that exists and is not a folder (it blocks ``mkdir``)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def temp_path(path: str | os.PathLike[str]) -> Path:

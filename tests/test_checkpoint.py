@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from core.checkpoint import (
     save_checkpoint,
     save_step_checkpoint,
 )
-from core.fileio import remove_stale_temp_files
+from core.fileio import WriteError, atomic_write, describe_os_error, remove_stale_temp_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +58,57 @@ def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+class FillsTheDisk:
+    """A file whose writes fail with ENOSPC once ``room`` bytes were written, as on a full disk."""
+
+    def __init__(self, fh, room: int):
+        self.fh, self.room = fh, room
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.fh.__exit__(*exc)
+
+
+def test_a_full_disk_names_the_file_and_the_reason_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "step_4.pt", {"step": 4})
+    before = path.read_bytes()
+    fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: FillsTheDisk(fdopen(*a, **k), room=4096))
+    # torch.save meets the ENOSPC in its writer and raises "unexpected pos ..." with it only as context
+    with pytest.raises(WriteError) as caught:
+        save_checkpoint(path, {"step": 5, "w": torch.zeros(100_000)})
+    monkeypatch.undo()
+    assert str(caught.value) == f"cannot write {path}: No space left on device"
+    assert caught.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["step_4.pt"]  # no temporary file left
+    assert pickle.loads(pickle.dumps(caught.value)).args == caught.value.args
+
+
+def test_a_path_under_a_file_is_named_and_other_files_errors_pass_through(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file")
+    under = tmp_path / "notes.txt" / "run" / "config.yaml"
+    blocked = f"cannot write {under}: {tmp_path / 'notes.txt'} is a file, not a folder"
+    with pytest.raises(WriteError, match=re.escape(blocked)), atomic_write(under, "w") as fh:
+        fh.write("x")
+    # a read inside the block keeps its own file
+    with pytest.raises(FileNotFoundError) as caught, atomic_write(tmp_path / "out.txt", "w") as fh:
+        fh.write((tmp_path / "missing.txt").read_text())
+    assert not isinstance(caught.value, WriteError) and caught.value.filename == str(tmp_path / "missing.txt")
+    assert describe_os_error(caught.value) == f"{tmp_path / 'missing.txt'}: No such file or directory"
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
 class Payload:
@@ -145,3 +198,13 @@ def test_a_failed_copy_of_last_pt_leaves_no_temporary_file(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         save_step_checkpoint(tmp_path, 2, {"step": 2}, keep=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step_1.pt", "step_2.pt"]
+
+    def copy_onto_a_full_disk(src, dst):
+        Path(dst).write_bytes(b"")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("shutil.copyfile", copy_onto_a_full_disk)
+    with pytest.raises(WriteError, match=re.escape(f"cannot write {tmp_path / 'last.pt'}: No space left")):
+        save_step_checkpoint(tmp_path, 3, {"step": 3}, keep=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step_1.pt", "step_2.pt", "step_3.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
