@@ -25,7 +25,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from backbones import build_backbone
 from core.checkpoint import (
@@ -60,6 +59,7 @@ from core.logbook import Logbook
 from core.optim import build_optimizer, build_scheduler
 from core.registry import UnknownNameError
 from data import image_folder, recordio
+from data.bad_records import BadRecordError
 from data.builder import build_train_dataset
 from data.decode import DecodeError
 from data.sampler import GlobalBatchSampler, KeyedFaceDataset, PKBatchSampler
@@ -84,6 +84,7 @@ class TrainingError(RuntimeError):
 INPUT_ERRORS = (
     ConfigError, CheckpointError, TrainingError, UnknownNameError, FileNotFoundError, DecodeError,
     recordio.RecordIOError, recordio.FolderLayoutError, image_folder.FolderLayoutError, VerificationFileError,
+    BadRecordError,
 )  # fmt: skip
 
 
@@ -274,6 +275,11 @@ def build(cfg: Config, device: torch.device) -> Run:
         )
     faces = build_train_dataset(cfg.data, seed=cfg.experiment.seed)
     num_classes = faces.num_identities
+    if cfg.head.name != "none" and num_classes < 2:
+        raise TrainingError(
+            f"data.root {cfg.data.root} holds {num_classes} identity: a classifier needs at least 2 "
+            "(with one, the loss is 0 from the first step and nothing is learnt)"
+        )
     labels = np.asarray(faces.source.labels(), dtype=np.int64)
     check_labels(labels, num_classes, cfg.data.root)
     dataset = KeyedFaceDataset(faces, seed=cfg.experiment.seed)
@@ -456,18 +462,14 @@ def add_mined_gradient(run: Run, labels: torch.Tensor) -> None:
     run.mined = terms
 
 
-def epoch_loader(run: Run) -> DataLoader:
-    """The micro-batches of epoch ``run.epoch`` from step ``run.step_in_epoch`` on."""
+def epoch_loader(run: Run) -> Iterable[Any]:
+    """The micro-batches of epoch ``run.epoch`` from step ``run.step_in_epoch`` on; a bad record stops the
+    run or is replaced and counted (``data.bad_records``), whatever the number of workers."""
     run.sampler.set_epoch(run.epoch, run.step_in_epoch)
-    return DataLoader(
-        run.dataset,
-        batch_sampler=run.sampler,
-        num_workers=run.cfg.data.num_workers,
-        pin_memory=run.device.type == "cuda",
-    )
+    return run.dataset.loader(run.sampler, run.cfg.data.num_workers, pin_memory=run.device.type == "cuda")
 
 
-def micro_batch_groups(loader: DataLoader, size: int) -> Iterator[list[Any]]:
+def micro_batch_groups(loader: Iterable[Any], size: int) -> Iterator[list[Any]]:
     group: list[Any] = []
     for batch in loader:
         group.append(batch)
@@ -520,6 +522,11 @@ def report(run: Run, log: Logbook, loss: float, steps: int, elapsed: float) -> N
     }
     if run.scaler:
         values["train/grad_scale"] = float(run.scaler.get_scale())
+    bad_records = run.dataset.bad_records
+    if bad_records.mode == "skip":
+        values["data/bad_records"] = float(bad_records.count)
+        for problem in bad_records.take_unlogged():
+            log.line(f"bad record, trained on another image of its identity instead: {problem}")
     if run.difficulty is not None:
         values["mining/difficulty_mean"] = float(run.difficulty.scores.mean())
     if run.mined is not None:
@@ -725,6 +732,11 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
         best = validate_and_log(run, log)
         save(run, log, best=best)
         barrier()
+        if run.dataset.bad_records.count:
+            log.line(run.dataset.bad_records.summary())
+    except INPUT_ERRORS as err:
+        log.line(f"stopped: {err}")  # train.log says why the run ended, not only the console
+        raise
     finally:
         log.close()
     return run

@@ -98,6 +98,11 @@ class DataConfig:
     # its images repeated when it has fewer than pk_k).
     sampler: Literal["random", "pk"] = "random"
     pk_k: int = 4
+    # A training image that cannot be read or decoded, or is not image_size x image_size: ``stop`` ends the
+    # run with one line naming it; ``skip`` trains on another image of its identity in its place and counts
+    # it (train.log), stopping once more than ``max_bad_records`` distinct records have failed.
+    bad_records: Literal["stop", "skip"] = "stop"
+    max_bad_records: int = 100
     # Verification .bin sets evaluated during training, looked up in val_root.
     val_root: str = ""
     val_targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])

@@ -5,17 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.config import ConfigError, DataConfig
+from data.bad_records import BadRecords
 from data.image_folder import ImageFolderFaces
-from data.recordio import RecordIOFaceSet
+from data.recordio import RecordIOError, RecordIOFaceSet, find_recordio
 from data.transforms import FaceDataset, FaceSource, FaceTransform
 
-
-def find_recordio(root: Path) -> Path | None:
-    """The ``.rec`` that ``root`` names: the file itself, the prefix ``root.rec``, or ``root/train.rec``."""
-    for candidate in (root, root.with_name(root.name + ".rec"), root / "train.rec"):
-        if candidate.suffix == ".rec" and candidate.is_file():
-            return candidate
-    return None
+__all__ = ["build_train_dataset", "find_recordio", "open_train_source"]
 
 
 def open_train_source(cfg: DataConfig) -> FaceSource:
@@ -31,11 +26,12 @@ def open_train_source(cfg: DataConfig) -> FaceSource:
     if cfg.format == "folder" or (cfg.format == "auto" and rec is None):
         if not root.is_dir():
             raise ConfigError(f"data.root {root}: no such folder of identity subfolders (and no RecordIO)")
-        source: FaceSource = ImageFolderFaces(root)
+        source: FaceSource = ImageFolderFaces(root, skip_hint=None)
         where = root
     else:
         source = RecordIOFaceSet(rec)
         where = rec
+        check_identity_table(source)
     for key, configured, found in (
         ("data.num_classes", cfg.num_classes, source.num_identities),
         ("data.num_images", cfg.num_images, source.num_images),
@@ -45,6 +41,22 @@ def open_train_source(cfg: DataConfig) -> FaceSource:
     return source
 
 
+def check_identity_table(faces: RecordIOFaceSet) -> None:
+    """Refuse a rec whose identity table disagrees with its labels (a meta header announcing classes that
+    have no record or no images, labels outside their class's range), naming the key, before a classifier
+    is sized from it."""
+    problems = faces.identity_problems(faces.labels())
+    if problems:
+        more = f" ({len(problems)} problems in all)" if len(problems) > 1 else ""
+        raise RecordIOError(
+            f"{problems[0]}{more}; `python -m data.recordio check {faces.rec_path}` lists every problem"
+        )
+
+
 def build_train_dataset(cfg: DataConfig, seed: int) -> FaceDataset:
+    """The training images of ``cfg``; ``data.bad_records`` decides what a record that cannot be read or
+    decoded does to the run (see :class:`data.bad_records.BadRecords`)."""
     transform = FaceTransform(cfg.augment, image_size=cfg.image_size, train=True, seed=seed)
-    return FaceDataset(open_train_source(cfg), transform)
+    dataset = FaceDataset(open_train_source(cfg), transform)
+    dataset.bad_records = BadRecords(cfg.bad_records, cfg.max_bad_records, root=cfg.root)
+    return dataset

@@ -33,6 +33,10 @@ class DecodeError(ValueError):
     """Bytes that are not a decodable image; the message names where they came from."""
 
 
+class ImageSizeError(ValueError):
+    """A decoded face that is not the size its dataset stores; the message names the source and both sizes."""
+
+
 def image_format(buf: bytes) -> str | None:
     """The format named by the magic bytes: JPEG, PNG, BMP, PGM, PPM, TIFF or WEBP; None if unknown."""
     head = bytes(buf[:12])
@@ -66,6 +70,18 @@ def decode_rgb(buf: bytes, source: str = "<bytes>") -> np.ndarray:
     if arr is None:
         raise DecodeError(f"{source}: corrupt or truncated {fmt} ({len(buf)} bytes)")
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def decode_face(buf: bytes, size: int | None, source: str = "<bytes>") -> np.ndarray:
+    """:func:`decode_rgb`, then :class:`ImageSizeError` unless the image is ``size`` x ``size`` (any size
+    when ``size`` is None). Aligned faces of a dataset all have one size; another size means the wrong
+    images were stored (unaligned photos, another crop), which training must not silently resize."""
+    img = decode_rgb(buf, source)
+    if size is not None and img.shape[:2] != (size, size):
+        raise ImageSizeError(
+            f"{source}: {img.shape[1]}x{img.shape[0]} image, expected an aligned {size}x{size} face"
+        )
+    return img
 
 
 def _decode_jpeg(buf: bytes, source: str) -> np.ndarray:

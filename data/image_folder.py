@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp"})
+# The one list of image suffixes (every format data.decode reads); the RecordIO packer uses it too.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp"}
+)
 
 
 class FolderLayoutError(ValueError):
@@ -27,9 +30,16 @@ class ImageFolderFaces:
         root: folder with one sub-folder per identity.
         allow_empty: skip identity folders without images (listed in ``empty_identities``) instead of
             refusing the tree. Skipped folders get no label.
+        skip_hint: how the caller's user asks for ``allow_empty`` (a command-line flag, say), named in the
+            error about empty identity folders; None when the caller offers no way.
     """
 
-    def __init__(self, root: str | os.PathLike[str], allow_empty: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        allow_empty: bool = False,
+        skip_hint: str | None = "allow_empty=True",
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FolderLayoutError(f"{self.root}: image folder not found")
@@ -43,9 +53,11 @@ class ImageFolderFaces:
             if not entry.is_dir():
                 (loose if entry.suffix.lower() in IMAGE_SUFFIXES else self.ignored).append(entry)
                 continue
-            files = sorted(p for p in entry.iterdir() if p.is_file())
-            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-            self.ignored.extend(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+            entries = sorted(entry.iterdir())
+            images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            self.ignored.extend(
+                p for p in entries if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            )
             if not images:
                 self.empty_identities.append(entry.name)
                 continue
@@ -59,9 +71,10 @@ class ImageFolderFaces:
             )
         if self.empty_identities and not allow_empty:
             shown = ", ".join(self.empty_identities[:10])
+            how = f", or skip them with {skip_hint}" if skip_hint else ""
             raise FolderLayoutError(
-                f"{self.root}: {len(self.empty_identities)} identity folder(s) without images: {shown}"
-                " (pass allow_empty=True to skip them)"
+                f"{self.root}: {len(self.empty_identities)} identity folder(s) without images: {shown}; "
+                f"add images to them or remove them{how}"
             )
         if not paths:
             raise FolderLayoutError(f"{self.root}: no identity folders with images")

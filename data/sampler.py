@@ -17,11 +17,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.config import ConfigError
+from data.bad_records import RECORD_ERRORS, BadRecords, ScreenedLoader, describe_error
 from data.transforms import FaceDataset, describe
 from mining.pk_sampler import PKSampler
+
+REPLACEMENT_TRIES = 16  # random images tried for a bad record whose identity has no other readable one
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -81,18 +84,88 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 class KeyedFaceDataset(FaceDataset):
     """A :class:`FaceDataset` read by ``(epoch, i)`` keys -> (uint8 image, label, i), with image i's
     augmentation seeded by ``(seed, epoch, i)``; the index comes back for per-image bookkeeping
-    (difficulty scores)."""
+    (difficulty scores).
+
+    A bad record (``data.bad_records``, :mod:`data.bad_records`) raises :class:`BadRecordError` in
+    ``stop`` mode; in ``skip`` mode another image of the same identity takes its place, drawn from
+    ``(seed, epoch, i)`` so a resumed run draws the same one (any image when the identity has no other
+    readable one), and the index returned is that image's. Training reads through :meth:`loader`, whose
+    workers return the problems with the batch instead of raising.
+    """
 
     def __init__(self, dataset: FaceDataset, seed: int) -> None:
         super().__init__(dataset.source, dataset.transform)
+        self.bad_records = dataset.bad_records
         self.seed = seed
+        self._by_identity: dict[int, np.ndarray] | None = None
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[override]
+        image, label, index, report = self.load(key)
+        if report:
+            self.bad_records.add_report(report)
+        return image, label, index
+
+    def load(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, str]:
+        """``(image, label, index, report)``: ``report`` is empty, or lists the bad records met (see
+        :meth:`BadRecords.report`); in ``stop`` mode a bad record comes back as a black image labelled -1
+        with its report, which the main process turns into the error before the image is used."""
         epoch, i = key
+        try:
+            return (*self._read(epoch, i), i, "")
+        except RECORD_ERRORS as err:
+            problem = describe_error(err)
+        reports = [BadRecords.report(i, problem)]
+        if self.bad_records.mode == "skip":
+            for j in self._replacements(epoch, i):
+                try:
+                    return (*self._read(epoch, j), j, "\n".join(reports))
+                except RECORD_ERRORS as err:
+                    reports.append(BadRecords.report(j, describe_error(err)))
+            tried = len(reports) - 1
+            reports.append(
+                BadRecords.report(
+                    -1, f"{problem}; no readable image to train on in its place ({tried} tried)"
+                )
+            )
+        size = self.transform.image_size
+        blank = torch.zeros((3, size, size), dtype=torch.uint8)
+        return blank, torch.tensor(-1, dtype=torch.int64), i, "\n".join(reports)
+
+    def _read(self, epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf, label = self.source[i]
         rng = np.random.default_rng([self.seed, epoch, i])
         image = self.transform(buf, describe(self.source, i), rng=rng)
-        return image, torch.tensor(label, dtype=torch.int64), i
+        return image, torch.tensor(label, dtype=torch.int64)
+
+    def _replacements(self, epoch: int, i: int) -> Iterator[int]:
+        """The other images of ``i``'s identity in a seeded order, then a few random images."""
+        if self._by_identity is None:
+            self._by_identity = self.source.indices_per_identity()
+        rng = np.random.default_rng([self.seed, epoch, i, 1])  # [seed, epoch, i] is i's augmentation
+        same = self._by_identity[int(self.source.labels()[i])]
+        yield from rng.permutation(same[same != i]).tolist()
+        yield from rng.integers(0, len(self.source), REPLACEMENT_TRIES).tolist()
+
+    def loader(self, batch_sampler: Sampler, num_workers: int, pin_memory: bool = False) -> ScreenedLoader:
+        """The training batches ``(images, labels, indices)`` in ``batch_sampler``'s order; bad records are
+        reported to :attr:`bad_records` in the main process, whatever the number of workers."""
+        loader = DataLoader(
+            _Reports(self), batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory
+        )
+        return ScreenedLoader(loader, self.bad_records)
+
+
+class _Reports(Dataset):
+    """:meth:`KeyedFaceDataset.load` as a dataset: what DataLoader workers run."""
+
+    def __init__(self, dataset: KeyedFaceDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, str]:
+        return self.dataset.load(key)
 
 
 class PKBatchSampler(GlobalBatchSampler):

@@ -24,7 +24,8 @@ from torch.utils.data import Dataset, get_worker_info
 
 from core.config import AugmentConfig
 from data import masks
-from data.decode import decode_rgb
+from data.bad_records import BadRecords
+from data.decode import decode_face
 
 PRESETS: dict[str, AugmentConfig] = {
     "arcface": AugmentConfig(flip=0.5),
@@ -187,12 +188,7 @@ class FaceTransform:
         self, buf: bytes, source: str = "<bytes>", rng: np.random.Generator | None = None
     ) -> torch.Tensor:
         """``rng``: the augmentation stream for this image (default: this worker's stream)."""
-        img = decode_rgb(buf, source)
-        if img.shape[:2] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"{source}: {img.shape[1]}x{img.shape[0]} image, expected an aligned "
-                f"{self.image_size}x{self.image_size} face"
-            )
+        img = decode_face(buf, self.image_size, source)
         if self.train:
             img = augment(img, self.cfg, rng if rng is not None else self.rng)
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
@@ -208,6 +204,10 @@ class FaceSource(Protocol):
 
     def __getitem__(self, i: int) -> tuple[bytes, int]: ...
 
+    def labels(self) -> np.ndarray: ...
+
+    def indices_per_identity(self) -> dict[int, np.ndarray]: ...
+
 
 def describe(source: object, i: int) -> str:
     """Where item ``i`` of a source comes from, for error messages."""
@@ -219,11 +219,14 @@ def describe(source: object, i: int) -> str:
 
 
 class FaceDataset(Dataset):
-    """(uint8 image tensor 3 x H x W, int64 label) for any :class:`FaceSource`."""
+    """(uint8 image tensor 3 x H x W, int64 label) for any :class:`FaceSource`. A record that cannot be
+    read or decoded raises here; ``bad_records`` is the policy the training reader
+    (:class:`data.sampler.KeyedFaceDataset`) applies instead."""
 
     def __init__(self, source: FaceSource, transform: FaceTransform) -> None:
         self.source = source
         self.transform = transform
+        self.bad_records = BadRecords()
 
     @property
     def num_images(self) -> int:

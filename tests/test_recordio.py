@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.decode import DecodeError
 from data.recordio import (
     MAGIC_BYTES,
     FolderLayoutError,
@@ -204,13 +205,14 @@ def test_writer_is_atomic(tmp_path: Path) -> None:
 
 
 def make_folder(root: Path) -> dict[str, bytes]:
-    """Identities b (2 JPEGs), a (JPEG + PNG + grey PGM), c (1 JPEG), and two files to be ignored."""
+    """Identities b (2 JPEGs), a (JPEG + PNG + grey PGM), c (1 JPEG), all 32x32, and three entries to be
+    ignored (a text file, a top-level file, a folder inside an identity)."""
     files = {
         "b/1.jpg": synthetic_jpeg(1),
         "b/0.jpg": synthetic_jpeg(2),
         "a/x.jpg": synthetic_jpeg(3),
-        "a/y.png": cv2.imencode(".png", np.full((20, 24, 3), (10, 120, 240), np.uint8))[1].tobytes(),
-        "a/z.pgm": cv2.imencode(".pgm", np.full((16, 16), 77, np.uint8))[1].tobytes(),
+        "a/y.png": cv2.imencode(".png", np.full((32, 32, 3), (10, 120, 240), np.uint8))[1].tobytes(),
+        "a/z.pgm": cv2.imencode(".pgm", np.full((32, 32), 77, np.uint8))[1].tobytes(),
         "c/q.JPEG": synthetic_jpeg(4),
         "a/notes.txt": b"not an image",
         "README": b"top-level file",
@@ -218,14 +220,15 @@ def make_folder(root: Path) -> dict[str, bytes]:
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
+    (root / "c" / "more").mkdir()  # a folder inside an identity is not an image either
     return files
 
 
 def test_pack_folder(tmp_path: Path) -> None:
     files = make_folder(tmp_path / "imgs")
-    summary = pack_folder(tmp_path / "imgs", tmp_path / "out" / "train")
+    summary = pack_folder(tmp_path / "imgs", tmp_path / "out" / "train", image_size=32)
     assert (summary["images"], summary["identities"], summary["reencoded"]) == (6, 3, 2)
-    assert sorted(Path(p).name for p in summary["ignored"]) == ["README", "notes.txt"]
+    assert sorted(Path(p).name for p in summary["ignored"]) == ["README", "more", "notes.txt"]
     order = ["a/x.jpg", "a/y.png", "a/z.pgm", "b/0.jpg", "b/1.jpg", "c/q.JPEG"]
     lst = (tmp_path / "out" / "train.lst").read_text().splitlines()
     assert lst == [
@@ -263,17 +266,25 @@ def test_pack_folder_real_faces(shared_data: Path, tmp_path: Path) -> None:
 
 def test_pack_folder_layout_errors(tmp_path: Path) -> None:
     (tmp_path / "empty_id" / "a").mkdir(parents=True)
-    with pytest.raises(FolderLayoutError, match=r"empty_id/a: identity folder holds no images"):
+    (tmp_path / "empty_id" / "b").mkdir()
+    (tmp_path / "empty_id" / "b" / "1.jpg").write_bytes(synthetic_jpeg(0, size=112))
+    with pytest.raises(FolderLayoutError, match=r"empty_id: 1 identity folder\(s\) without images: a;"):
         pack_folder(tmp_path / "empty_id", tmp_path / "o1")
+    skipped = pack_folder(tmp_path / "empty_id", tmp_path / "o0", allow_empty=True)
+    assert (skipped["images"], skipped["identities"]) == (1, 1)
     (tmp_path / "loose").mkdir()
     (tmp_path / "loose" / "face.jpg").write_bytes(synthetic_jpeg(0))
-    with pytest.raises(FolderLayoutError, match=r"loose/face\.jpg: image directly under"):
+    with pytest.raises(FolderLayoutError, match=r"loose: images directly under the root \(face\.jpg"):
         pack_folder(tmp_path / "loose", tmp_path / "o2")
     (tmp_path / "bad" / "p").mkdir(parents=True)
-    (tmp_path / "bad" / "p" / "broken.png").write_bytes(b"garbage")
-    with pytest.raises(FolderLayoutError, match=r"bad/p/broken\.png: not a readable image"):
+    (tmp_path / "bad" / "p" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    with pytest.raises(DecodeError, match=r"bad/p/broken\.png: corrupt or truncated PNG"):
         pack_folder(tmp_path / "bad", tmp_path / "o3")
-    assert not list(tmp_path.glob("o*"))  # nothing half-written
+    assert sorted(p.name for p in tmp_path.glob("o*")) == [
+        "o0.idx",
+        "o0.lst",
+        "o0.rec",
+    ]  # nothing half-written
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,6 +430,81 @@ def test_labels_shorter_than_flag(tmp_path: Path) -> None:
         RecordIOFaceSet(tmp_path / "f.rec")
 
 
+@pytest.mark.parametrize("name", ["insightface", "im2rec", "chunks"])
+def test_scan_finds_nothing_wrong_in_files_written_by_mxnet(name: str) -> None:
+    with IndexedRecordIO(FIXTURES / f"{name}.rec") as rio:
+        assert rio.scan() == []
+
+
+def test_scan_reports_every_damaged_record_as_a_read_would(tmp_path: Path) -> None:
+    rec = copy_fixture("chunks", tmp_path)  # keys 0..7, multi-part records among them
+    rio = IndexedRecordIO(rec)
+    offsets = {int(k): rio.offset(int(k)) for k in rio.keys}
+    with rec.open("r+b") as fh:
+        fh.seek(offsets[1])
+        fh.write(b"JUNK")  # bad magic
+        fh.seek(offsets[4] + 4)
+        fh.write(struct.pack("<I", offsets[5] - offsets[4]))  # a whole record's length runs into key 5
+        fh.truncate(offsets[7] + 8 + 768)  # key 7, multi-part: its later parts are cut off
+    idx = tmp_path / "chunks.idx"
+    idx.write_text(idx.read_text().replace(f"6\t{offsets[6]}", "6\t999999996"))  # past the end
+    with pytest.raises(RecordIOError, match="key 6: offset 999999996 is past the end"):
+        IndexedRecordIO(rec)  # the reader refuses the index at the first bad offset
+    rio = IndexedRecordIO(rec, check_offsets=False)
+    problems = dict(rio.scan())
+    assert sorted(problems) == [1, 4, 6, 7]
+    for key in (1, 7):  # worded exactly as reading the record says it
+        with pytest.raises(RecordIOError) as err:
+            rio.read(key)
+        assert problems[key] == str(err.value)
+    assert "bad magic number" in problems[1] and "truncated record" in problems[7]
+    assert problems[4].endswith(f"runs past the start of key 5 at offset {offsets[5]}")
+    assert problems[6].startswith(f"{idx}: line 7: key 6: offset 999999996 is past the end")
+    assert rio.read(5) == IndexedRecordIO(FIXTURES / "chunks.rec").read(5)  # the others are whole
+
+
+def test_identity_table_of_mxnet_files_agrees_with_their_labels() -> None:
+    for name in ("insightface", "im2rec"):
+        faces = RecordIOFaceSet(FIXTURES / f"{name}.rec")
+        assert faces.identity_problems(faces.labels()) == [], name
+
+
+def test_identity_table_that_disagrees_with_the_labels(tmp_path: Path) -> None:
+    """Three classes of two images (keys 1-6, identity records 7-9), damaged one way at a time."""
+    jpeg = synthetic_jpeg(0)
+
+    def write(name: str, meta=(7, 10), ranges=((1, 3), (3, 5), (5, 7)), labels=(0, 0, 1, 1, 2, 2)):
+        with RecordIOWriter(tmp_path / f"{name}.rec") as writer:
+            writer.write(0, pack(list(meta), b""))
+            for key, label in enumerate(labels, start=1):
+                writer.write(key, pack(float(label), jpeg, id=key))
+            for key, first_end in enumerate(ranges, start=7):
+                writer.write(key, pack(list(first_end), b"", id=key))
+        faces = RecordIOFaceSet(tmp_path / f"{name}.rec")
+        return faces.identity_problems(faces.labels())
+
+    assert write("good") == []
+    (problem,) = write("phantom", meta=(7, 12))
+    assert problem.endswith(
+        "announces 5 identities (keys 7..11), but 2 of their records are not in the index (keys 10, 11)"
+    )
+    (problem,) = write("empty", ranges=((1, 3), (3, 3), (3, 7)), labels=(0, 0, 2, 2, 2, 2))
+    assert "key 8 (identity record of class 1): empty range [3, 3)" in problem
+    (problem,) = write("overlap", ranges=((1, 4), (3, 5), (5, 7)))  # key 3 in classes 0 and 1
+    assert "key 8 (identity record of class 1): range [3, 5) should start at key 4" in problem
+    short = write("short", ranges=((1, 3), (3, 5), (5, 6)))
+    assert short[0].endswith(
+        "the identity records cover image keys 1..5, the meta header announces images up to key 6"
+    )
+    assert short[1].endswith("key 6: label 2, but no identity record holds it") and len(short) == 2
+    (problem,) = write("mislabelled", labels=(0, 0, 1, 2, 2, 2))
+    assert problem.endswith(
+        "key 4: label 2, but it lies in [3, 5), the range of class 1 (identity record key 8)"
+    )
+    faces = RecordIOFaceSet(tmp_path / "mislabelled.rec")  # a label that could not be read is left out
+    assert faces.identity_problems(np.array([0, 0, 1, -1, 2, 2])) == []
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
@@ -435,11 +521,23 @@ def test_cli_info_and_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     }
     assert out["size"] == (FIXTURES / "insightface.rec").stat().st_size
     make_folder(tmp_path / "imgs")
-    assert main(["pack", str(tmp_path / "imgs"), str(tmp_path / "t")]) == 0
+    assert main(["pack", str(tmp_path / "imgs"), str(tmp_path / "t"), "--image-size", "32"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 6
     (tmp_path / "t.idx").unlink()
     assert main(["info", str(tmp_path / "t.rec")]) == 1
     assert "t.idx is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "size", "images"), [("insightface", 112, 8), ("im2rec", 56, 6)])
+def test_cli_check_passes_files_written_by_mxnet(
+    name, size, images, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rec = str(FIXTURES / f"{name}.rec")
+    assert main(["check", rec, "--workers", "1", "--image-size", str(size)]) == 0
+    out = capsys.readouterr()
+    assert (json.loads(out.out)["images"], json.loads(out.out)["identities"], out.err) == (images, 3, "")
+    assert main(["check", rec, "--workers", "1", "--image-size", str(2 * size)]) == 1  # the size is checked
+    assert f"{images} problems; the first: {rec} key" in capsys.readouterr().err
 
 
 def test_cli_module_entry_point() -> None:
