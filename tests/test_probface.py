@@ -601,9 +601,12 @@ def test_sigma2_rises_for_degraded_faces(shared_data):
         assert (before[degraded] > before[0]).float().mean() < 0.75, before
 
 
-def test_ijb_pooling_weights_from_a_probface_checkpoint(shared_data, probface_run, tmp_path, capsys):
+def test_ijb_pooling_weights_from_a_probface_checkpoint(
+    shared_data, probface_run, tmp_path, capsys, monkeypatch
+):
     """probface.ijb writes one weight per face of face_tid_mid, (1/sigma^2) of the aligned face, which
-    validation_ijb.evaluate takes as --weights (an LFW-built IJB-C tree of 4 people)."""
+    validation_ijb.evaluate takes as --weights: each template becomes normalise(sum over its media of the
+    media's mean of w_i f_i) (an LFW-built IJB-C tree of 4 people)."""
     from probface import ijb
     from validation_ijb import evaluate, lfw_ijb
     from validation_ijb.meta import load_ijb
@@ -616,6 +619,51 @@ def test_ijb_pooling_weights_from_a_probface_checkpoint(shared_data, probface_ru
     meta = load_ijb(tree.root, "ijbc")
     assert w.shape == (len(meta.names),) and s2.shape == (len(meta.names), 1)
     np.testing.assert_allclose(w, s2[:, 0].min() / s2[:, 0], rtol=1e-5)
-    argv = ["--model", str(model), "--ijb-root", str(tree.root), "--workers", "0", "--modes", "N0D0F1"]
-    assert evaluate.main([*argv, "--weights", str(weights)]) == 0
+
+    pooled = []  # the template features each evaluation scores
+    pool = evaluate.template_features
+
+    def recorded(*args, **kwargs):
+        pooled.append(pool(*args, **kwargs))
+        return pooled[-1]
+
+    def direct(feats: np.ndarray, per_image: np.ndarray) -> np.ndarray:
+        """N0D0F1 image features unit(f(x) + f(flip x)), weighted, averaged per media, summed, unit."""
+        feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+        rows = []
+        for template in sorted(set(meta.templates.tolist())):
+            members = meta.templates == template
+            media, weighted = meta.medias[members], feats[members] * per_image[members, None]
+            total = sum(weighted[media == m].mean(0) for m in np.unique(media))
+            rows.append(total / np.linalg.norm(total))
+        return np.stack(rows)
+
+    monkeypatch.setattr(evaluate, "template_features", recorded)
+    cache = tmp_path / "cache"
+    argv = ["--ijb-root", str(tree.root), "--workers", "0", "--modes", "N0D0F1"]
+    with_model = [*argv, "--model", str(model), "--cache", str(cache)]
+    assert evaluate.main([*with_model, "--weights", str(weights)]) == 0
     assert "N0D0F1" in capsys.readouterr().out
+    (saved_path,) = cache.glob("*.npz")
+    with np.load(saved_path) as saved:
+        names, landmarks = saved["names"], saved["landmarks"]
+        model_feats = saved["original"].astype(np.float64) + saved["flipped"]
+    ids, pooled_w = pooled[0]
+    assert ids.tolist() == sorted(set(meta.templates.tolist()))
+    np.testing.assert_allclose(pooled_w, direct(model_feats, w), rtol=1e-5, atol=1e-5)
+
+    # The tiny backbone gives nearly one feature for every real face and a short training nearly one
+    # sigma^2, so the weights' effect shows on spread features and weights, re-scored from a features file.
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(2, len(names), 32)).astype(np.float32)
+    spread = rng.uniform(0.05, 1.0, size=len(names))
+    np.savez(tmp_path / "spread.npz", names=names, landmarks=landmarks, original=feats[0], flipped=feats[1])
+    np.save(tmp_path / "spread_w.npy", spread)
+    argv += ["--model", str(tmp_path / "spread.npz")]
+    assert evaluate.main([*argv, "--weights", str(tmp_path / "spread_w.npy")]) == 0
+    assert evaluate.main(argv) == 0
+    (_, weighted), (_, plain) = pooled[1:]
+    summed = feats.sum(0, dtype=np.float64)
+    np.testing.assert_allclose(weighted, direct(summed, spread), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain, direct(summed, np.ones(len(names))), rtol=1e-5, atol=1e-5)
+    assert np.abs(weighted - plain).max() > 0.05  # the weights moved the templates
