@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
+import onnxruntime
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ import inference
 from backbones import build_backbone
 from core.embedders import load_embedder
 from data.decode import encode_jpeg
+from face_alignment import YuNetDetector, align_face
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +35,21 @@ def matrix(printed: list[str]) -> torch.Tensor:
     return torch.tensor([[float(v) for v in line.split()[1:]] for line in printed])
 
 
+def pretrained_cosines(shared_data, photos) -> torch.Tensor:
+    """Cosines of the largest face of each photo by the pretrained MobileFaceNet ONNX, run here directly:
+    YuNet landmarks, ArcFace-template crop, BGR channels, (x - 127.5) / 127.5."""
+    detector, crops = YuNetDetector(), []
+    for photo in photos:
+        rgb = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+        face = max(detector.detect(rgb), key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+        crops.append(align_face(rgb, face.landmarks))
+    x = (np.stack(crops)[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32) - 127.5) / 127.5
+    model = shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    emb = torch.nn.functional.normalize(torch.from_numpy(session.run(None, {"x": x})[0]), dim=1)
+    return emb @ emb.T
+
+
 def test_default_run_matches_the_sample_photos(shared_data, capsys):
     # two photos of Colin Powell, one of George W. Bush, the pretrained MobileFaceNet (BGR)
     assert inference.main([]) == 0
@@ -38,7 +57,23 @@ def test_default_run_matches_the_sample_photos(shared_data, capsys):
     assert "Colin_Powell_0049.jpg: 2 faces; using the largest" in out[0]
     sim = matrix(out[-3:])
     assert sim[0, 1] > 0.5 and sim[0, 2] < 0.2 and sim[1, 2] < 0.2
-    torch.testing.assert_close(sim, sim.T)
+    expected = pretrained_cosines(shared_data, sorted(inference.SAMPLES.glob("*.jpg")))
+    torch.testing.assert_close(sim, expected, rtol=0, atol=1e-3)  # printed to 3 decimals, cosines <= 1
+
+
+def test_photos_of_one_person_score_above_photos_of_two(shared_data, capsys):
+    # 8 people x 3 grey photos: every same-person cosine above every different-person cosine
+    people = sorted(p for p in (shared_data / "tv_8ids").iterdir() if p.is_dir())
+    photos = [photo for person in people for photo in sorted(person.glob("*.png"))[:3]]
+    assert inference.main(["--images", *map(str, photos)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[-len(photos) :]] == [p.name for p in photos]
+    sim = matrix(printed[-len(photos) :])
+    who = torch.arange(len(people)).repeat_interleave(3)
+    same = (who[:, None] == who[None, :]) & ~torch.eye(len(photos), dtype=torch.bool)
+    different = who[:, None] != who[None, :]
+    assert sim[same].min() > sim[different].max(), (sim[same].min(), sim[different].max())
+    assert sim[same].mean() > sim[different].mean() + 0.5
 
 
 def test_a_photo_without_a_face_is_named_and_left_out(shared_data, tmp_path, capsys):
