@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +13,9 @@ import pytest
 
 import train
 from core.checkpoint import load_checkpoint
+from core.config import Config, load_config
 from heads import list_heads
+from heads.registry import HEADS
 from tests.synthetic_faces import write_identity_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,14 +29,56 @@ def faces(tmp_path_factory) -> Path:
     return write_identity_folder(tmp_path_factory.mktemp("faces"), identities=6, per_identity=4)
 
 
+def loss_range(cfg: Config, classes: int) -> tuple[float, float]:
+    """Bounds the loss of either step of a ``--dry-run`` must respect under ``cfg``.
+
+    CE = logsumexp(z) - z_y <= log C + max_j z_j - z_y. A non-target logit is at most s (CurricularFace's
+    hard negatives s cos (t + cos): t, an EMA of the target cosine from 0 at rate 0.01, is below 0.02 after
+    two steps); a target logit is at least -2s for the shipped margins (AdaFace's s (-1 - 2m add_scale),
+    ArcFace's fallback s (-1 - m sin m), CosFace's s (-1 - m)). So a margin head's CE lies in
+    (0, log C + 3.02 s]; FRABSM's mining weight is at most 1.5 and MagFace adds
+    lambda_g g(a) <= lambda_g (1/l_a + l_a/u_a^2). A triplet loss on unit embeddings lies in [0, 2 + margin];
+    ProbFace's MLS term has no fixed sign.
+    """
+    if cfg.head.name == "none":
+        if cfg.loss.name == "triplet":
+            return 0.0, 2.0 + cfg.loss.params.get("margin", 0.3)
+        return -math.inf, math.inf
+    defaults = inspect.signature(HEADS.get(cfg.head.name)).parameters
+
+    def param(key: str) -> float:
+        return cfg.head.params.get(key, defaults[key].default)
+
+    high = math.log(classes) + 3.02 * param("s")
+    if cfg.loss.name == "frabsm_weight":
+        high *= 1.5
+    if cfg.head.name == "magface":
+        high += param("lambda_g") * (1.0 / param("l_a") + param("l_a") / param("u_a") ** 2)
+    return 0.0, high
+
+
+def dry_run_losses(printed: str, cfg: Config) -> list[float]:
+    """The losses a ``--dry-run`` printed: as many as its steps, finite numbers within :func:`loss_range`."""
+    report = dict(line.split(": ", 1) for line in printed.splitlines() if ": " in line)
+    losses = [float(v) for v in report["losses"].strip("[]").split(",")]
+    assert len(losses) == int(report["steps"]) == 2, printed
+    assert all(math.isfinite(v) for v in losses), f"losses {losses}"
+    low, high = loss_range(cfg, int(report["classes"]))
+    where = f"losses {losses}, {cfg.head.name} + {cfg.loss.name}"
+    assert all(low <= v <= high for v in losses), f"{where}: outside [{low}, {high:.4g}]"
+    assert cfg.head.name == "none" or min(losses) > 0, f"{where}: a cross-entropy is positive"
+    return losses
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_builds_and_steps(recipe, faces, capsys):
     config = ROOT / "configs" / "recipes" / f"{recipe}.yaml"
     fmt = ("data.format=folder", "data.pk_k=4")  # PK recipes: 2 identities x 4 images per batch of 8
-    status = train.main(["--config", str(config), "--set", f"data.root={faces}", *SMALL, *fmt, "--dry-run"])
+    sets = [f"data.root={faces}", *SMALL, *fmt]
+    status = train.main(["--config", str(config), "--set", *sets, "--dry-run"])
     out = capsys.readouterr()
     assert status == 0, out.err
-    assert "losses: [" in out.out and "nan" not in out.out
+    dry_run_losses(out.out, load_config(config, sets))
 
 
 @pytest.mark.parametrize("head", list_heads())
@@ -43,17 +89,18 @@ def test_every_head_and_loss_train_through_the_entry_point(head, loss, faces, ca
     status = train.main(["--config", str(config), "--set", *sets, "--dry-run"])
     out = capsys.readouterr()
     assert status == 0, out.err
-    assert "nan" not in out.out
+    dry_run_losses(out.out, load_config(config, sets))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_are_finite(precision, faces, capsys):
     # CPU autocast; fp16 also runs the GradScaler path (unscale, clip, step, update)
     sets = [f"data.root={faces}", *SMALL, f"model.precision={precision}", "model.backbone=r18"]
-    status = train.main(["--config", str(ROOT / "configs" / "cpu_tiny.yaml"), "--set", *sets, "--dry-run"])
+    config = ROOT / "configs" / "cpu_tiny.yaml"
+    status = train.main(["--config", str(config), "--set", *sets, "--dry-run"])
     out = capsys.readouterr()
     assert status == 0, out.err
-    assert "nan" not in out.out and "losses: [" in out.out
+    dry_run_losses(out.out, load_config(config, sets))
 
 
 def test_launchers_are_valid_bash():
