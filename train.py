@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from backbones import build_backbone
+from backbones import BACKBONES, build_backbone
 from core.checkpoint import (
     NORMALIZATION,
     CheckpointError,
@@ -42,7 +42,15 @@ from core.checkpoint import (
     resolve_resume,
     save_step_checkpoint,
 )
-from core.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from core.config import (
+    Config,
+    ConfigError,
+    check_part,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 from core.distributed import (
     any_rank,
     barrier,
@@ -149,22 +157,44 @@ def build_model(cfg: Config) -> nn.Module:
     )
 
 
+def check_parts(cfg: Config) -> None:
+    """The backbone, head and loss the config names are registered and take its ``head.params`` and
+    ``loss.params`` (names, and values by their annotations), checked before anything is built."""
+    check_part(cfg, BACKBONES, "model.backbone")
+    if cfg.head.name != "none":
+        check_part(cfg, HEADS, "head.name", "head.params", fixed=("embedding_size", "num_classes"))
+    check_part(cfg, LOSSES, "loss.name", "loss.params", fixed=("class_weights",))
+
+
+def refused_by(cfg: Config, section: str, err: ValueError) -> ConfigError:
+    """A value that the constructor of the head or loss refuses (an arcface variant, a negative focal
+    gamma): its message, with the part, its params and where they were set."""
+    part = getattr(cfg, section)
+    where = cfg.origin(f"{section}.params")
+    what = f"{section} {part.name} ({section}.params {part.params})"
+    return ConfigError(f"{where}: {what}: {err}" if where else f"{what}: {err}")
+
+
 def build_classifier(cfg: Config, num_classes: int) -> PartialFC:
-    HEADS.check_kwargs(cfg.head.name, cfg.head.params, "head.params", fixed=("embedding_size", "num_classes"))
-    return PartialFC(
-        cfg.head.name, cfg.model.embedding_size, num_classes, cfg.head.sample_rate,
-        init_seed=cfg.experiment.seed,
-        interclass_filtering_threshold=cfg.head.interclass_filtering_threshold, **cfg.head.params,
-    )  # fmt: skip
+    try:
+        return PartialFC(
+            cfg.head.name, cfg.model.embedding_size, num_classes, cfg.head.sample_rate,
+            init_seed=cfg.experiment.seed,
+            interclass_filtering_threshold=cfg.head.interclass_filtering_threshold, **cfg.head.params,
+        )  # fmt: skip
+    except ValueError as err:
+        raise refused_by(cfg, "head", err) from None
 
 
 def build_loss(cfg: Config, labels: np.ndarray, num_classes: int) -> nn.Module:
     params = dict(cfg.loss.params)
-    LOSSES.check_kwargs(cfg.loss.name, params, "loss.params", fixed=("class_weights",))
     if cfg.loss.class_weights == "inverse_log_frequency":
         counts = torch.from_numpy(np.bincount(labels, minlength=num_classes))
         params["class_weights"] = inverse_log_frequency_weights(counts.clamp(min=1))
-    loss = LOSSES.build(cfg.loss.name, **params)
+    try:
+        loss = LOSSES.build(cfg.loss.name, **params)
+    except ValueError as err:
+        raise refused_by(cfg, "loss", err) from None
     if cfg.head.name == "none" and hasattr(loss, "reduce"):
         raise ConfigError(
             f"loss.name {cfg.loss.name!r} is a loss on a head's cross-entropy; head.name none needs a loss "
@@ -268,6 +298,7 @@ def check_labels(labels: np.ndarray, num_classes: int, root: str) -> None:
 def build(cfg: Config, device: torch.device) -> Run:
     """Data, model, classifier, loss, optimizer and schedule of ``cfg``, checked before any step."""
     rank, world = get_rank(), get_world_size()
+    check_parts(cfg)
     check_metric_settings(cfg)
     if cfg.train.best_metric != "mean" and cfg.train.best_metric not in cfg.data.val_targets:
         raise ConfigError(

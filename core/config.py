@@ -5,19 +5,26 @@ names them); they are merged in order, then the file's own keys on top. Mappings
 value (lists included) replaces the earlier one; a section given another ``name`` (``head.name: cosface``
 over ``arcface``) starts its ``params`` afresh. Overrides from the command line use dotted paths::
 
-    python train.py --config configs/ms1mv2_r50_arcface.yaml --set optim.lr=0.05 data.root=/x
+    python train.py --config configs/recipes/arcface.yaml --set optim.lr=0.05 data.root=/x
 
 Values of overrides are parsed as YAML scalars (``0.05`` -> float, ``true`` -> bool, ``[a, b]`` -> list).
 
 The merged mapping is checked against the dataclass schema below: an unknown key is refused with the
-closest valid name, a value of the wrong type with the key's dotted path. ``dump_config`` writes the resolved
-config, which ``load_config`` reads back to an identical object.
+closest valid name, a value of the wrong type with the key's dotted path, and every value against the
+bounds declared beside its field (``bounded(128, min=1)``: an integer >= 1; probabilities in [0, 1];
+numbers finite) and the rules that join keys (:func:`validate`). A key given twice in one YAML mapping is
+refused rather than the last one kept. Every error is one line naming the key and where its value was set:
+``FILE line N`` or the ``--set`` argument. ``dump_config`` writes the resolved config, which
+``load_config`` reads back to an identical object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
+import math
+import operator
 import os
 import re
 import types
@@ -25,7 +32,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -45,9 +52,145 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."),
 )
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+def _yaml_load(text: str, name: str = "<text>") -> tuple[Any, dict[str, int]]:
+    """The YAML document in ``text`` and the 1-based line of every mapping key, by dotted path. A key given
+    twice in one mapping is refused (``name`` and both lines): YAML itself would keep the last one."""
+    loader = _Loader(text)  # a SafeLoader subclass: no arbitrary objects
+    try:
+        node = loader.get_single_node()
+        lines: dict[str, int] = {}
+        if node is None:
+            return None, lines
+        _key_lines(node, "", name, lines)
+        return loader.construct_document(node), lines
+    finally:
+        loader.dispose()
+
+
+def _key_lines(node: yaml.Node, prefix: str, name: str, lines: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue  # `<<: *anchor` copies keys that this mapping may override
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            dotted = f"{prefix}.{key}" if prefix else key
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise ConfigError(
+                    f"{name} line {line}: duplicate key {dotted} (first at line {first[key]}); "
+                    "give each key once"
+                )
+            first[key] = lines[dotted] = line
+            _key_lines(value_node, dotted, name, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _key_lines(item, f"{prefix}[{i}]", name, lines)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """The line (1-based, if known) and a one-line description of a YAML syntax error."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        text = " ".join(str(part) for part in (exc.context, exc.problem) if part)
+        return (mark.line + 1 if mark is not None else None), " ".join(text.split())
+    return None, " ".join(str(exc).split())
+
+
+# ------------------------------------------------------------------------------------------- bounds
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Allowed values of a number, or of every number of a list: ``min``/``max`` inclusive, ``above``/
+    ``below`` exclusive. For a list also its ``length``, strictly ``increasing`` values, ``unique`` ones;
+    for a string ``nonempty``."""
+
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None
+    below: float | None = None
+    length: int | None = None
+    increasing: bool = False
+    unique: bool = False
+    nonempty: bool = False
+
+    def range(self) -> str:
+        """The allowed numbers in words: ``>= 1``, ``in [0, 1)``, ... (empty: any)."""
+        low = (
+            f"[{self.min:g}" if self.min is not None else f"({self.above:g}" if self.above is not None else ""
+        )
+        high = (
+            f"{self.max:g}]" if self.max is not None else f"{self.below:g})" if self.below is not None else ""
+        )
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        if high:
+            return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+        return ""
+
+    def describe(self, tp: Any) -> str:
+        """What a field of type ``tp`` with these bounds allows, in words."""
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is list:
+            words = [f"a list of {self.length} values" if self.length is not None else "a list"]
+            if self.range():
+                words.append(f"each {self.range()}")
+            words += [w for w, on in (("increasing", self.increasing), ("no repeats", self.unique)) if on]
+            return ", ".join(words)
+        if tp is str:
+            return "a string, not empty" if self.nonempty else "a string"
+        number = int if int in (tp, *args) else float
+        text = f"{_type_name(number)} {self.range()}".strip()
+        return f"{text}, or null" if type(None) in args else text
+
+    def allows(self, x: float) -> bool:
+        return not (
+            (self.min is not None and x < self.min)
+            or (self.max is not None and x > self.max)
+            or (self.above is not None and x <= self.above)
+            or (self.below is not None and x >= self.below)
+        )
+
+    def check(self, value: Any, key: str) -> None:
+        """Raise a :class:`ConfigError` for ``key`` unless ``value`` (a checked type) is within bounds."""
+        if isinstance(value, str):
+            if self.nonempty and not value:
+                raise ConfigError(f"{key} must not be empty", key=key)
+            return
+        if isinstance(value, list):
+            if self.length is not None and len(value) != self.length:
+                raise ConfigError(f"{key} must be a list of {self.length} values, got {value!r}", key=key)
+            for i, item in enumerate(value):
+                self.check(item, f"{key}[{i}]")
+            if self.increasing and any(b <= a for a, b in itertools.pairwise(value)):
+                raise ConfigError(f"{key} must be increasing, got {value!r}", key=key)
+            if self.unique and len(set(map(repr, value))) != len(value):
+                raise ConfigError(f"{key} must not name a value twice, got {value!r}", key=key)
+            return
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not self.allows(value):
+            kind = "an integer" if isinstance(value, int) else "a number"
+            raise ConfigError(f"{key} must be {kind} {self.range()}, got {value!r}", key=key)
+
+
+def limits(**bounds: Any) -> dict[str, Bounds]:
+    """Field metadata declaring the :class:`Bounds` that :func:`validate` checks:
+    ``field(default_factory=list, metadata=limits(min=0.0, increasing=True))``."""
+    return {"bounds": Bounds(**bounds)}
+
+
+def bounded(default: Any, **bounds: Any) -> Any:
+    """A schema field with an immutable default whose values must lie within :class:`Bounds` ``bounds``:
+    ``batch_size: int = bounded(128, min=1)``."""
+    return field(default=default, metadata=limits(**bounds))
+
+
+PROBABILITY = {"min": 0.0, "max": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -57,7 +200,7 @@ def _yaml_load(text: str) -> Any:
 @dataclass
 class ExperimentConfig:
     name: str = "default"
-    seed: int = 2048
+    seed: int = bounded(2048, min=0)
 
 
 @dataclass
@@ -65,15 +208,15 @@ class AugmentConfig:
     """Probability of each augmentation (docs/methods.md §1.4). arcface_torch: flip only; AdaFace: 0.2 for
     the rest."""
 
-    flip: float = 0.5
-    crop: float = 0.0
-    low_res: float = 0.0
-    photometric: float = 0.0
-    jitter: float = 0.0
+    flip: float = bounded(0.5, **PROBABILITY)
+    crop: float = bounded(0.0, **PROBABILITY)
+    low_res: float = bounded(0.0, **PROBABILITY)
+    photometric: float = bounded(0.0, **PROBABILITY)
+    jitter: float = bounded(0.0, **PROBABILITY)
     # Synthetic face mask on the lower face (data.masks), drawn before the other augmentations: its
     # probability, the types drawn uniformly (surgical, n95, cloth, overlay) and, for ``overlay``, the folder
     # of the photographed masks (mask_<colour>.jpg, as in insightface's package data).
-    mask: float = 0.0
+    mask: float = bounded(0.0, **PROBABILITY)
     mask_types: list[str] = field(default_factory=lambda: ["surgical", "n95", "cloth"])
     mask_overlays: str = ""
 
@@ -86,18 +229,18 @@ class DataConfig:
     format: Literal["auto", "rec", "folder"] = "auto"
     # Colour order the network sees; a checkpoint records it (insightface rgb, AdaFace bgr).
     color: Literal["rgb", "bgr"] = "rgb"
-    image_size: int = 112
-    batch_size: int = 128  # per process
-    num_workers: int = 2
+    image_size: int = bounded(112, min=1)  # side of the stored faces, checked against the data
+    batch_size: int = bounded(128, min=1)  # per process
+    num_workers: int = bounded(2, min=0)
     # Read from the data when left empty; a value given here is checked against the data.
-    num_classes: int | None = None
-    num_images: int | None = None
+    num_classes: int | None = bounded(None, min=1)
+    num_images: int | None = bounded(None, min=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Batch order: ``random`` (every image once per epoch, shuffled) or ``pk`` (docs/methods.md §3.10:
     # every micro-batch holds batch_size / pk_k identities x pk_k images, each identity once per epoch,
     # its images repeated when it has fewer than pk_k).
     sampler: Literal["random", "pk"] = "random"
-    pk_k: int = 4
+    pk_k: int = bounded(4, min=1)
     # A training image that cannot be read or decoded, or is not image_size x image_size: ``stop`` ends the
     # run with one line naming it; ``skip`` trains on another image of its identity in its place and counts
     # it (train.log), stopping once more than ``max_bad_records`` distinct records have failed.
@@ -105,21 +248,23 @@ class DataConfig:
     max_bad_records: int = 100
     # Verification .bin sets evaluated during training, looked up in val_root.
     val_root: str = ""
-    val_targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])
+    val_targets: list[str] = field(
+        default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"], metadata=limits(unique=True)
+    )
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "r50"
-    embedding_size: int = 512
-    dropout: float = 0.0
+    embedding_size: int = bounded(512, min=1)
+    dropout: float = bounded(0.0, min=0.0, below=1.0)
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
     grad_checkpoint: bool = False
     channels_last: bool = False
     compile: bool = False
     # Side of the network's input; empty = data.image_size. Faces are stored and augmented at
     # data.image_size and resized to this on the device (a smaller input trains faster on CPUs).
-    input_size: int | None = None
+    input_size: int | None = bounded(None, min=1)
     # Initial backbone weights from a checkpoint of this framework (same arch, embedding size, input size
     # and colour); empty: random initialisation.
     pretrained: str = ""
@@ -133,7 +278,7 @@ class ModelConfig:
     uncertainty_bn_momentum: float = 0.005
     # DDP: static graph (a fixed set of used parameters), gradient bucket size, fp16 gradient all-reduce.
     ddp_static_graph: bool = True
-    ddp_bucket_mb: int = 25
+    ddp_bucket_mb: int = bounded(25, min=1)
     ddp_fp16_grads: bool = False
 
 
@@ -146,10 +291,10 @@ class HeadConfig:
     name: str = "arcface"
     params: dict[str, Any] = field(default_factory=dict)
     # Partial FC: fraction of negative class centres sampled per step (1.0 = all).
-    sample_rate: float = 1.0
+    sample_rate: float = bounded(1.0, above=0.0, max=1.0)
     # Partial FC inter-class filtering (arcface_torch): non-target cosines above this are zeroed as likely
     # label-noise duplicates of the sample's identity; 0 = off (arcface_torch's default; 0.4 on noisy data).
-    interclass_filtering_threshold: float = 0.0
+    interclass_filtering_threshold: float = bounded(0.0, min=0.0, below=1.0)
 
 
 @dataclass
@@ -171,19 +316,19 @@ class MiningConfig:
     stage 2)."""
 
     difficulty: bool = False
-    momentum: float = 0.9
+    momentum: float = bounded(0.9, **PROBABILITY)
     # Closeness-diversity stage 2: every cd_interval steps (0: never) a mined batch of cd_classes classes
     # (over all ranks) x (cd_easy easy + cd_hard hard images) adds W_C closeness + W_D diversity, the
     # prototypes being the centres of the classes' cd_negatives hardest negative classes.
-    cd_interval: int = 0
-    cd_classes: int = 64
-    cd_easy: int = 7
-    cd_hard: int = 1
-    cd_negatives: int = 500
-    cd_weight_closeness: float = 0.5
-    cd_weight_diversity: float = 1.0
-    cd_percentile: float = 0.2
-    cd_scale: float = 64.0
+    cd_interval: int = bounded(0, min=0)
+    cd_classes: int = bounded(64, min=1)
+    cd_easy: int = bounded(7, min=2)  # closeness needs 2 images of a class
+    cd_hard: int = bounded(1, min=1)
+    cd_negatives: int = bounded(500, min=1)
+    cd_weight_closeness: float = bounded(0.5, min=0.0)
+    cd_weight_diversity: float = bounded(1.0, min=0.0)
+    cd_percentile: float = bounded(0.2, **PROBABILITY)
+    cd_scale: float = bounded(64.0, above=0.0)
     # Whose top negatives make the prototypes: the last sample of each selected class in the rank's batch
     # (the method's released code) or all of its samples (more prototypes when a class repeats).
     cd_prototypes: Literal["last", "all"] = "last"
@@ -192,46 +337,54 @@ class MiningConfig:
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1  # for a global batch of 1024 (insightface); scale linearly with the batch
-    momentum: float = 0.9
+    lr: float = bounded(
+        0.1, above=0.0
+    )  # for a global batch of 1024 (insightface); scale linearly with the batch
+    momentum: float = bounded(0.9, min=0.0, below=1.0)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = bounded(5e-4, min=0.0)
     # Weight decay of BN parameters and biases (AdamW recipes usually use 0).
     no_decay_bn_bias: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 5.0  # max global grad norm; 0 disables
-    grad_accum: int = 1
+    betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.999], metadata=limits(length=2, min=0.0, below=1.0)
+    )
+    grad_clip: float = bounded(5.0, min=0.0)  # max global grad norm; 0 disables
+    grad_accum: int = bounded(1, min=1)
 
 
 @dataclass
 class ScheduleConfig:
     name: Literal["polynomial", "multistep", "cosine"] = "polynomial"
-    warmup_epochs: float = 0.0
-    power: float = 2.0  # polynomial decay exponent (insightface PolyScheduler)
-    milestones: list[float] = field(default_factory=list)  # epochs, multistep only
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    warmup_epochs: float = bounded(0.0, min=0.0)
+    power: float = bounded(2.0, min=0.0)  # polynomial decay exponent (insightface PolyScheduler)
+    # Epochs, multistep only.
+    milestones: list[float] = field(default_factory=list, metadata=limits(min=0.0, increasing=True))
+    gamma: float = bounded(0.1, above=0.0)
+    min_lr: float = bounded(0.0, min=0.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    log_every: int = 50  # steps between log lines / TensorBoard scalars
-    val_every: int = 2000  # steps between validations (0: only at the end)
-    val_batch_size: int = 256
-    save_every: int = 2000  # steps between checkpoints, 0: none (a final one is always written)
-    keep_last: int = 3
+    epochs: int = bounded(20, min=1)
+    log_every: int = bounded(50, min=1)  # steps between log lines / TensorBoard scalars
+    val_every: int = bounded(2000, min=0)  # steps between validations (0: only at the end)
+    val_batch_size: int = bounded(256, min=1)
+    save_every: int = bounded(
+        2000, min=0
+    )  # steps between checkpoints, 0: none (a final one is always written)
+    keep_last: int = bounded(3, min=1)
     # Validation result that picks best.pt: a .bin name (``lfw``), or ``mean`` over val_targets.
     best_metric: str = "mean"
     # A non-finite loss skips the step; this many in a row abort the run.
-    max_bad_steps: int = 5
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); the schedule is unchanged
+    max_bad_steps: int = bounded(5, min=1)
+    # Stop after this many optimizer steps (0: run all epochs); the schedule is unchanged.
+    max_steps: int = bounded(0, min=0)
 
 
 @dataclass
 class Config:
     # Checkpoints, config.yaml, train.log and TensorBoard files of the run go here.
-    output_dir: str = "work_dirs/default"
+    output_dir: str = bounded("work_dirs/default", nonempty=True)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -241,6 +394,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Where each dotted key was set (FILE line N, or the --set argument); load_config fills it.
+    _origins: ClassVar[dict[str, str]] = {}
+
+    def origin(self, key: str) -> str:
+        """Where the value of dotted ``key`` was set: ``FILE line N``, ``--set KEY=VALUE``, or ``""`` (a
+        default, or a config that :func:`load_config` did not read)."""
+        return _locate(self._origins, key)
 
 
 # ------------------------------------------------------------------------------------- reading files
@@ -248,6 +408,14 @@ class Config:
 
 def read_yaml_with_bases(path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config and merge its ``_base_`` files (recursively) beneath its own keys."""
+    return _read_with_origins(path, _chain)[0]
+
+
+def _read_with_origins(
+    path: str | os.PathLike[str], _chain: tuple[Path, ...] = ()
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`read_yaml_with_bases`, and where each dotted key was set (``FILE line N``): the file whose
+    value the merge keeps."""
     path = Path(path).resolve()
     if path in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, path))
@@ -256,9 +424,10 @@ def read_yaml_with_bases(path: str | os.PathLike[str], _chain: tuple[Path, ...] 
         where = f" (named in {_chain[-1]})" if _chain else ""
         raise ConfigError(f"config file not found: {path}{where}")
     try:
-        raw = _yaml_load(path.read_text(encoding="utf-8"))
+        raw, lines = _yaml_load(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        line, problem = _yaml_problem(exc)
+        raise ConfigError(f"{path}{f' line {line}' if line else ''}: invalid YAML: {problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -270,9 +439,30 @@ def read_yaml_with_bases(path: str | os.PathLike[str], _chain: tuple[Path, ...] 
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: {BASE_KEY} must be a file name or a list of file names")
     merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for base in bases:
-        merged = merge_dicts(merged, read_yaml_with_bases(path.parent / base, (*_chain, path)))
-    return merge_dicts(merged, raw)
+        base_data, base_origins = _read_with_origins(path.parent / base, (*_chain, path))
+        origins = _drop(origins, _reset_params(merged, base_data)) | base_origins
+        merged = merge_dicts(merged, base_data)
+    origins = _drop(origins, _reset_params(merged, raw))
+    origins.update({key: f"{path} line {line}" for key, line in lines.items() if key.split(".")[0] in raw})
+    return merge_dicts(merged, raw), origins
+
+
+def _reset_params(base: Mapping[str, Any], top: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The ``params`` sections that merging ``top`` over ``base`` starts afresh (see :func:`_start_from`)."""
+    renamed = isinstance(top.get("name"), str) and top["name"] != base.get("name")
+    out = [f"{prefix}params"] if renamed and isinstance(base.get("params"), Mapping) else []
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            out += _reset_params(base[key], value, f"{prefix}{key}.")
+    return out
+
+
+def _drop(origins: Mapping[str, str], sections: Iterable[str]) -> dict[str, str]:
+    """``origins`` without the keys at or inside ``sections``."""
+    sections = list(sections)
+    return {k: v for k, v in origins.items() if not any(_under(k, s) for s in sections)}
 
 
 def _start_from(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -316,42 +506,78 @@ class _Given(dict):
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """``["optim.lr=0.05", "data.root=/x"]`` -> nested dict ``{"optim": {"lr": 0.05}, ...}``."""
+    return _parse_overrides(items)[0]
+
+
+def _parse_overrides(items: Iterable[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The nested overrides and, for each overridden dotted key, the argument that set it (``--set k=v``);
+    a later override of a key wins, as on any command line."""
     nested: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for item in items:
+        where = f"--set {item}"
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+            raise ConfigError(f"{where}: not of the form dotted.key=value")
         try:
-            value = _yaml_load(text) if text else ""
+            value = _yaml_load(text, where)[0] if text else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+            raise ConfigError(f"{where}: the value is not valid YAML: {_yaml_problem(exc)[1]}") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+                raise ConfigError(f"{where}: conflicts with an earlier --set of {part}")
             node = child
         node[parts[-1]] = _Given(value) if isinstance(value, dict) else value
-    return nested
+        sources = _drop(sources, [key]) | {key: where}  # replaced, with what it held
+    return nested, sources
+
+
+def _under(key: str, section: str) -> bool:
+    """``key`` is ``section`` or lies inside it (``head.params.m`` in ``head.params``, ``x[0]`` in ``x``)."""
+    return key == section or key.startswith(section + ".") or key.startswith(section + "[")
+
+
+def _locate(origins: Mapping[str, str], key: str) -> str:
+    """Where the value of ``key`` was set: the one source of everything inside it (an override of
+    ``head.params.m`` for ``head.params``), else its own entry, else that of the list or ``--set`` mapping
+    that holds it; ``""`` when unknown (a default) or set in several places by ``--set``."""
+    inside = {where for k, where in origins.items() if _under(k, key) and k != key}
+    if len(inside) == 1:
+        return inside.pop()
+    if any(where.startswith("--set ") for where in inside):
+        return ""  # set in several places, not all in the file that opened the section
+    if key in origins:
+        return origins[key]
+    path = key  # an item of a list, or a key inside a mapping given whole by --set (head.params={s: 16})
+    while re.search(r"[.\[]", path):
+        item = path.endswith("]")
+        path = re.sub(r"(\[\d+\]|\.[^.\[]*)$", "", path)
+        if path in origins and (item or origins[path].startswith("--set ")):
+            return origins[path]
+    return ""
 
 
 # -------------------------------------------------------------------------------------- type checking
 
 
-def from_dict(cls: type, data: Mapping[str, Any], path: str = "", source: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and values of the wrong type."""
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and values of the wrong type with a
+    :class:`ConfigError` whose ``key`` is the dotted path at fault."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {path or 'top level'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path or 'top level'} must be a mapping, got {type(data).__name__}", key=path)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"{source}: {_unknown_key_message(cls, path, str(key))}")
+            full = f"{path}.{key}" if path else str(key)
+            raise ConfigError(_unknown_key_message(cls, path, str(key)), key=full)
     kwargs = {}
     for name, value in data.items():
         key_path = f"{path}.{name}" if path else name
-        kwargs[name] = _coerce(value, hints[name], key_path, source)
+        kwargs[name] = _coerce(value, hints[name], key_path)
     return cls(**kwargs)
 
 
@@ -380,26 +606,26 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
+def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
 
     def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: {path} must be {expected}, got {value!r} ({type(value).__name__})")
+        return ConfigError(f"{path} must be {expected}, got {value!r} ({type(value).__name__})", key=path)
 
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise wrong("a mapping")
-        return from_dict(tp, value, path, source)
+        return from_dict(tp, value, path)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
         for option in options:
             try:
-                return _coerce(value, option, path, source)
+                return _coerce(value, option, path)
             except ConfigError:
                 continue  # try the next member of the union
         raise wrong(" or ".join(_type_name(a) for a in args))
@@ -410,11 +636,11 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise wrong(f"a list of {_type_name(args[0])}")
-        return [_coerce(v, args[0], f"{path}[{i}]", source) for i, v in enumerate(value)]
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
             raise wrong("a mapping")
-        return {str(k): _coerce(v, args[1], f"{path}.{k}", source) for k, v in value.items()}
+        return {str(k): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise wrong("true or false")
@@ -426,6 +652,8 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong("a number")
+        if not math.isfinite(value):
+            raise wrong("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -447,14 +675,108 @@ def _type_name(tp: Any) -> str:
     )
 
 
+def _schema_type(tp: Any) -> bool:
+    """``tp`` is made of the types the schema checks (numbers, strings, lists, Literal, Optional, ...)."""
+    if tp is Any or tp in (bool, int, float, str, type(None)):
+        return True
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return True
+    if origin in (Union, types.UnionType, list, dict):
+        return all(_schema_type(a) for a in typing.get_args(tp))
+    return False
+
+
+def check_param(value: Any, annotation: Any, key: str) -> None:
+    """Refuse ``value`` for a constructor parameter annotated ``annotation`` by the schema's rules (an
+    integer is a number, numbers are finite), raising a :class:`ConfigError` for ``key``. An annotation
+    beyond the schema's types (a tensor, a module) accepts any value."""
+    if _schema_type(annotation):
+        _coerce(value, annotation, key)
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def _relations(cfg: Config) -> Iterable[tuple[str, str]]:
+    """Rules that join keys: (the key at fault, what is wrong) for each one ``cfg`` breaks."""
+    if cfg.schedule.min_lr > cfg.optim.lr:
+        yield (
+            "schedule.min_lr",
+            (
+                f"schedule.min_lr must be <= optim.lr {cfg.optim.lr:g} (the floor the schedule decays to), "
+                f"got {cfg.schedule.min_lr:g}"
+            ),
+        )
+    if cfg.schedule.warmup_epochs >= cfg.train.epochs:
+        yield (
+            "schedule.warmup_epochs",
+            (
+                f"schedule.warmup_epochs must be < train.epochs {cfg.train.epochs} (the warmup would be the "
+                f"whole run), got {cfg.schedule.warmup_epochs:g}"
+            ),
+        )
+    if cfg.head.name == "none" and cfg.head.params:
+        yield (
+            "head.params",
+            f"head.params must be empty with head.name none (no head to take them), got {cfg.head.params}",
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Check every value against the :class:`Bounds` declared beside its field, then the rules that join
+    keys; raise a :class:`ConfigError` naming the first key at fault and what it allows."""
+    _check_bounds(cfg, "")
+    for key, problem in _relations(cfg):
+        raise ConfigError(problem, key=key)
+
+
+def _check_bounds(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_bounds(value, f"{prefix}{f.name}.")
+        elif "bounds" in f.metadata and value is not None:
+            f.metadata["bounds"].check(value, f"{prefix}{f.name}")
+
+
+def value_bounds(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """What the :class:`Bounds` of each bounded key allow, in words (the table in README_TRAIN.md)."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out |= value_bounds(tp, key + ".")
+        elif "bounds" in f.metadata:
+            out[key] = f.metadata["bounds"].describe(tp)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ public API
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Resolve a config file (with its bases) plus dotted overrides into a checked :class:`Config`."""
-    merged = read_yaml_with_bases(path) if path is not None else {}
-    merged = apply_overrides(merged, parse_overrides(overrides))
-    return from_dict(Config, merged, source=str(path) if path is not None else "config")
+    """Resolve a config file (with its bases) plus dotted overrides into a checked :class:`Config`.
+
+    Errors name the key and where its value was set: the ``--set`` argument, or the file and line."""
+    merged, origins = _read_with_origins(path) if path is not None else ({}, {})
+    nested, sources = _parse_overrides(overrides)
+    origins = _drop(origins, _reset_params(merged, nested))
+    merged = apply_overrides(merged, nested)
+    origins = (
+        _drop(origins, sources) | sources
+    )  # an override replaces what the files set at and inside its key
+    try:
+        cfg = from_dict(Config, merged)
+        validate(cfg)
+    except ConfigError as err:
+        where = _locate(origins, err.key) if err.key else ""
+        raise ConfigError(
+            f"{where or (path if path is not None else 'config')}: {err}", key=err.key
+        ) from None
+    cfg._origins = origins
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -463,7 +785,29 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def config_from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
     """Check a plain mapping (e.g. the config stored in a checkpoint) against the schema."""
-    return from_dict(Config, data, source=source)
+    try:
+        cfg = from_dict(Config, data)
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}", key=err.key) from None
+    return cfg
+
+
+def check_part(
+    cfg: Config, registry: Any, name_key: str, params_key: str | None = None, fixed: tuple[str, ...] = ()
+) -> None:
+    """Refuse, before anything is built, a part (backbone, head, loss) that ``registry`` does not hold under
+    the name at ``name_key``, or params at ``params_key`` that its constructor does not take: a name it
+    lacks, a value its annotation refuses. ``fixed``: parameters the caller supplies. The error names the
+    key and where its value was set."""
+    name = operator.attrgetter(name_key)(cfg)
+    try:
+        registry.check_name(name, name_key)
+        if params_key is not None:
+            registry.check_kwargs(name, operator.attrgetter(params_key)(cfg), params_key, fixed)
+    except ConfigError as err:
+        where = cfg.origin(err.key or name_key)
+        raise ConfigError(f"{where}: {err}" if where else str(err), key=err.key) from None
 
 
 def dump_config(cfg: Config, path: str | os.PathLike[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,7 +22,12 @@ T = TypeVar("T", bound=Callable[..., Any])
 
 
 class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names where."""
+    """A config file, key or value is invalid; the message names where. ``key``: the dotted config key at
+    fault, when there is one, so that a caller can add where its value was set."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class UnknownNameError(KeyError):
@@ -63,25 +69,46 @@ class Registry:
     def build(self, name: str, **kwargs: Any) -> Any:
         return self.get(name)(**kwargs)
 
+    def check_name(self, name: str, where: str) -> None:
+        """Refuse a name that is not registered, naming the config key ``where`` and the closest name."""
+        try:
+            self.get(name)
+        except UnknownNameError as err:
+            raise ConfigError(f"{where}: {err}", key=where) from None
+
     def check_kwargs(
         self, name: str, kwargs: dict[str, Any], where: str, fixed: tuple[str, ...] = ()
     ) -> None:
         """Refuse keyword arguments the factory of ``name`` does not take, naming the config key ``where``
-        and the closest parameter. ``fixed``: parameters the caller supplies itself (not configurable)."""
-        params = inspect.signature(self.get(name)).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return
-        accepted = [
-            p for p in params if p not in fixed and params[p].kind is not inspect.Parameter.VAR_POSITIONAL
-        ]
+        and the closest parameter, and values its annotations refuse (``m: float`` and ``m=abc``), by the
+        config schema's rules. ``fixed``: parameters the caller supplies itself (not configurable)."""
+        from core.config import check_param  # core.config imports this module
+
+        factory = self.get(name)
+        params = inspect.signature(factory).parameters
         for key in kwargs:
             if key in fixed:
-                raise ConfigError(f"{where}.{key} is set from the data and the model, not in the config")
-            if key not in accepted:
-                close = difflib.get_close_matches(key, accepted, n=1)
-                hint = f"; did you mean {where}.{close[0]}?" if close else ""
-                takes = ", ".join(accepted) or "nothing"
-                raise ConfigError(f"unknown key {where}.{key}: {self.kind} {name!r} takes {takes}{hint}")
+                raise ConfigError(
+                    f"{where}.{key} is set from the data and the model, not in the config",
+                    key=f"{where}.{key}",
+                )
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            accepted = [
+                p for p in params if p not in fixed and params[p].kind is not inspect.Parameter.VAR_POSITIONAL
+            ]
+            for key in kwargs:
+                if key not in accepted:
+                    close = difflib.get_close_matches(key, accepted, n=1)
+                    hint = f"; did you mean {where}.{close[0]}?" if close else ""
+                    takes = ", ".join(accepted) or "nothing"
+                    raise ConfigError(
+                        f"unknown key {where}.{key}: {self.kind} {name!r} takes {takes}{hint}",
+                        key=f"{where}.{key}",
+                    )
+        hints = _annotations(factory)
+        for key, value in kwargs.items():
+            if key in hints:
+                check_param(value, hints[key], f"{where}.{key}")
 
     def names(self) -> list[str]:
         return sorted(self._factories)
@@ -91,3 +118,11 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._factories)
+
+
+def _annotations(factory: Callable[..., Any]) -> dict[str, Any]:
+    """The parameter annotations of a function or of a class's ``__init__`` (none if they do not resolve)."""
+    try:
+        return typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except Exception:  # an annotation naming something only a type checker imports: no type checks
+        return {}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from core.config import ConfigError, DataConfig
 from data.bad_records import BadRecords
+from data.decode import DecodeError, decode_rgb
 from data.image_folder import ImageFolderFaces
 from data.recordio import RecordIOError, RecordIOFaceSet, find_recordio
-from data.transforms import FaceDataset, FaceSource, FaceTransform
+from data.transforms import FaceDataset, FaceSource, FaceTransform, describe
 
 __all__ = ["build_train_dataset", "find_recordio", "open_train_source"]
 
@@ -38,7 +40,33 @@ def open_train_source(cfg: DataConfig) -> FaceSource:
     ):
         if configured is not None and configured != found:
             raise ConfigError(f"{key} is {configured} in the config, but {where} holds {found}")
+    check_image_size(source, cfg.image_size, where)
     return source
+
+
+def check_image_size(source: FaceSource, size: int, where: Path, sample: int = 8) -> None:
+    """Refuse ``data.image_size`` when most of the first ``sample`` faces that decode have another size: then
+    the setting, not a record, is wrong, and it is said before a model is built for it. A face of another size
+    among faces of ``size`` is a bad record, left to ``data.bad_records``."""
+    sizes: list[tuple[int, int]] = []
+    first: dict[tuple[int, int], str] = {}
+    for i in range(min(len(source), 2 * sample)):
+        try:
+            img = decode_rgb(source[i][0], describe(source, i))
+        except (DecodeError, RecordIOError, OSError):
+            continue  # a record for data.bad_records
+        sizes.append((img.shape[1], img.shape[0]))
+        first.setdefault(sizes[-1], describe(source, i))
+        if len(sizes) == sample:
+            break
+    if 2 * sizes.count((size, size)) >= len(sizes):
+        return
+    (width, height), _ = Counter(sizes).most_common(1)[0]
+    hint = f"set data.image_size: {width}" if width == height else "align the faces to squares"
+    raise ConfigError(
+        f"data.image_size is {size}, but {where} holds {width}x{height} images "
+        f"({first[width, height]}); {hint}"
+    )
 
 
 def check_identity_table(faces: RecordIOFaceSet) -> None:
