@@ -309,7 +309,7 @@ def test_labels_outside_the_classes_are_refused_before_training():
         (("data.batch_size=1000",),
          "global batch of 1000 images (1000 per process x 1 processes x 1 accumulated)"),
         (("head.params.varient=clip",),
-         "unknown key head.params.varient: head 'arcface' takes s, m, variant, easy_margin; "
+         "unknown key head.params.varient: head 'arcface' takes s, m, variant, easy_margin, init; "
          "did you mean head.params.variant?"),
         (("head.name=cosfase",), "unknown head 'cosfase'; did you mean 'cosface'?"),
         (("loss.params.gama=1",), "unknown key loss.params.gama"),
