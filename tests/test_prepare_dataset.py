@@ -51,6 +51,13 @@ def test_lfw_slice_to_bin_and_recordio(shared_data, tmp_path, capsys):
     made = load_bin(out / "lfw.bin")
     assert made.images.shape[1:] == (3, 112, 112)
     assert made.issame.tolist() == [True, True, False, False]
+    # pair k holds the crops of its two photos, in the order of the pairs file, byte for byte
+    from data.verification import read_bin_raw
+
+    stored, _ = read_bin_raw(out / "lfw.bin")
+    named = [(n, k) for p in chosen for n, k in ((p.name1, p.num1), (p.name2, p.num2))]
+    crop_bytes = [(out / "aligned" / n / f"{n}_{k:04d}.jpg").read_bytes() for n, k in named]
+    assert [bytes(b) for b in stored] == crop_bytes
     rec = RecordIOFaceSet(out / "train.rec")
     assert rec.num_identities == len(people) and rec.num_images == len(crops)
 

@@ -57,11 +57,12 @@ def loss_range(cfg: Config, classes: int) -> tuple[float, float]:
     return 0.0, high
 
 
-def dry_run_losses(printed: str, cfg: Config) -> list[float]:
-    """The losses a ``--dry-run`` printed: as many as its steps, finite numbers within :func:`loss_range`."""
+def dry_run_losses(printed: str, cfg: Config, steps: int = 2) -> list[float]:
+    """The losses a ``--dry-run`` printed: one per step (``steps`` of them: two unless an epoch is
+    shorter), finite numbers within :func:`loss_range`."""
     report = dict(line.split(": ", 1) for line in printed.splitlines() if ": " in line)
     losses = [float(v) for v in report["losses"].strip("[]").split(",")]
-    assert len(losses) == int(report["steps"]) == 2, printed
+    assert len(losses) == int(report["steps"]) == steps, printed
     assert all(math.isfinite(v) for v in losses), f"losses {losses}"
     low, high = loss_range(cfg, int(report["classes"]))
     where = f"losses {losses}, {cfg.head.name} + {cfg.loss.name}"
