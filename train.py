@@ -52,8 +52,10 @@ from core.config import (
     load_config,
 )
 from core.distributed import (
+    FAULT_EXIT_STATUS,
     any_rank,
     barrier,
+    collective_error,
     get_rank,
     get_world_size,
     init_distributed,
@@ -729,7 +731,7 @@ def resume(run: Run, path: Path) -> str:
 
 def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) -> Run:
     """Build, resume if asked, train to the end (or ``train.max_steps``), validate and save."""
-    device = device or init_distributed()
+    device = device or init_distributed(cfg.train.collective_timeout_s, cfg.train.launcher_watch_s)
     if cfg.model.freeze_backbone and not cfg.model.pretrained:
         raise ConfigError(
             "model.freeze_backbone needs model.pretrained, the checkpoint whose backbone to keep"
@@ -768,6 +770,12 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
     except INPUT_ERRORS as err:
         log.line(f"stopped: {err}")  # train.log says why the run ended, not only the console
         raise
+    except RuntimeError as err:
+        failure = collective_error(err, step=run.step)  # another rank stopped or died: say which, where
+        if failure is None:
+            raise
+        log.line(f"stopped: {failure}")
+        raise failure from err
     finally:
         log.close()
     return run
@@ -775,7 +783,7 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
 
 def dry_run(cfg: Config, steps: int = 2) -> dict[str, object]:
     """Build everything, run ``steps`` optimizer steps without saving, return what was seen."""
-    run = build(cfg, init_distributed())
+    run = build(cfg, init_distributed(cfg.train.collective_timeout_s, cfg.train.launcher_watch_s))
     loader = epoch_loader(run)
     start, losses = time.perf_counter(), []
     for i, micro_batches in enumerate(micro_batch_groups(loader, cfg.optim.grad_accum)):
@@ -818,6 +826,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except INPUT_ERRORS as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a collective that another rank left waiting: one line, no barrier with it
+        failure = collective_error(err)
+        if failure is None:
+            raise
+        print(f"train.py: {failure}", file=sys.stderr)
+        shutdown_distributed(after_fault=True)
+        return FAULT_EXIT_STATUS
     finally:
         shutdown_distributed()
     return 0

@@ -379,6 +379,13 @@ class TrainConfig:
     max_bad_steps: int = bounded(5, min=1)
     # Stop after this many optimizer steps (0: run all epochs); the schedule is unchanged.
     max_steps: int = bounded(0, min=0)
+    # Seconds a rank waits in a collective for the others (a stopped or dead rank) before the run stops
+    # naming the operation and the rank; $FACEREC_COLLECTIVE_TIMEOUT_S overrides it. It must exceed the
+    # longest time one rank works alone (rank 0 writing a checkpoint).
+    collective_timeout_s: float = bounded(1800.0, above=0.0)
+    # Under torchrun: seconds between checks that the launcher is alive; a rank whose launcher is gone
+    # stops (0: no check).
+    launcher_watch_s: float = bounded(5.0, min=0.0)
 
 
 @dataclass

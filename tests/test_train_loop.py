@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -129,23 +128,59 @@ RESUME_SET = (
 )  # fmt: skip
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(faces, tmp_path):
-    # 96 images / 16 = 6 steps per epoch, 12 in all; the checkpoint at step 4 is mid-epoch.
+# The killed run: train.py in a process that writes half of step_8.pt's bytes to the atomic writer's
+# temporary file, syncs them and kills itself (SIGKILL), the worst moment for a kill to come.
+KILLED_MID_WRITE = """
+import io, os, signal, sys
+from pathlib import Path
+
+import torch
+
+real_save = torch.save
+
+
+def save(obj, f, *args, **kwargs):
+    target = Path(os.readlink(f"/proc/self/fd/{f.fileno()}")) if hasattr(f, "fileno") else Path(f)
+    if target.name.startswith(".step_8.pt."):
+        data = io.BytesIO()
+        real_save(obj, data, *args, **kwargs)
+        f.write(data.getvalue()[: len(data.getvalue()) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = save
+import train
+
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_a_kill_during_a_checkpoint_write_equals_an_uninterrupted_run(faces, tmp_path):
+    # 96 images / 16 = 6 steps per epoch, 12 in all; the checkpoint at step 4 is mid-epoch, the kill comes
+    # while step_8.pt is half written.
     full, broken = tmp_path / "full", tmp_path / "broken"
     run_train("--set", *overrides(faces["small"], full, *RESUME_SET))
-    proc = subprocess.Popen(
-        [sys.executable, "train.py", "--config", CONFIG, "--set",
+    script = tmp_path / "killed_mid_write.py"
+    script.write_text(KILLED_MID_WRITE)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--config", CONFIG, "--set",
          *overrides(faces["small"], broken, *RESUME_SET, "train.save_every=4")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (broken / "step_4.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (broken / "step_4.pt").exists()
-    run_train("--set", *overrides(faces["small"], broken, *RESUME_SET), "--resume", str(broken / "step_4.pt"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    partial = [p.name for p in broken.iterdir() if p.name.startswith(".step_8.pt.")]
+    assert len(partial) == 1 and not (broken / "step_8.pt").exists()  # killed mid-write indeed
+    assert load_checkpoint(broken / "last.pt")["step"] == 4  # last.pt still names the last whole one
+
+    run_train("--set", *overrides(faces["small"], broken, *RESUME_SET), "--resume", "auto")
+    assert not [p.name for p in broken.iterdir() if p.name.endswith(".tmp")]  # the partial file is gone
+    log = (broken / "train.log").read_text()
+    assert f"removed 1 partial files of interrupted writes: {partial}" in log
+    assert " at epoch 0 step 4" in log  # resumed from the last whole checkpoint
 
     a, b = trained_tensors(full / "last.pt"), trained_tensors(broken / "last.pt")
     assert a.keys() == b.keys()
@@ -158,7 +193,6 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(faces, tmp_path):
             sa["optimizer"]["state"][key]["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"]
         )
     assert torch.equal(sa["difficulty"], sb["difficulty"])  # the per-image scores survive the kill too
-    assert "resumed" in (broken / "train.log").read_text()
 
 
 def test_a_resumed_run_draws_from_the_global_generators_what_an_uninterrupted_one_draws(
