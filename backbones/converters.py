@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from backbones import build_backbone
-from core.checkpoint import NORMALIZATION, save_checkpoint
+from core.checkpoint import NORMALIZATION, CheckpointError, load_weights, save_checkpoint
 
 BN_EPS = 1e-5
 ADAFACE_RES = {"0": "bn1", "1": "conv1", "2": "bn2", "3": "prelu", "4": "conv2", "5": "bn3"}
@@ -113,7 +113,7 @@ def from_adaface(state: Mapping[str, torch.Tensor], arch: str) -> dict[str, torc
 
 def load_source(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a ``model.pt`` or Lightning ``.ckpt`` (its ``state_dict``), loaded without code."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)  # one-line errors naming the file; never unpickles code
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = convert(args.source, args.weights, args.out, args.arch)
-    except (ConversionError, FileNotFoundError) as err:
+    except (ConversionError, CheckpointError, FileNotFoundError) as err:
         print(f"converters: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,90 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
     return path
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_weights(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", what: str = "model file"
+) -> Any:
+    """The contents of a PyTorch file (a checkpoint, a state dict), read with ``weights_only=True``.
+
+    Every way the file can fail to load is a :class:`CheckpointError` of one line naming the file (``what``
+    words what it should be): missing, a folder, unreadable, empty, truncated or corrupt, not a PyTorch
+    file, or refused because it names a Python object other than tensors and plain containers (a pickled
+    model, or code that would run on loading). torch's advice to retry with ``weights_only=False`` is not
+    passed on: such a file is refused on purpose."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    if not path.exists():
+        raise CheckpointError(f"{path}: {what} not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        if path.is_dir():
+            raise CheckpointError(f"{path}: not a readable {what} (a folder, not a file)")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: not a readable {what} (an empty file, 0 bytes)")
+        with warnings.catch_warnings():  # a foreign pickle's protocol is refused below, not warned about
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    except Exception as err:  # anything a damaged file makes the unpickler or the zip reader raise
+        raise CheckpointError(f"{path}: not a readable {what} ({_load_failure(err)})") from None
+
+
+def _load_failure(err: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in a few words (no advice to load unsafely)."""
+    text = str(err)
+    unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(err, pickle.UnpicklingError) and unsafe:
+        name = unsafe.group(1)
+        hint = "; save model.state_dict(), not the model" if name.startswith("torch.nn.") else ""
+        return (
+            f"refused: loading it would call {name}, which is not tensor data and could run code from the "
+            f"file; only tensors, numbers, strings and containers are read{hint}"
+        )
+    if isinstance(err, EOFError) or "truncated" in text:
+        return "truncated: the file ends before its data does"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        reason = text.split(". ")[0].replace("PytorchStreamReader failed", "failed").strip()
+        return f"corrupt or truncated: {reason}"
+    detail = next((line.strip() for line in reversed(text.splitlines()) if "Unsupported" in line), "")
+    detail = detail or (text.splitlines()[0].strip() if text.strip() else type(err).__name__)
+    return f"not a PyTorch file, or a corrupt one: {detail[:160]}"
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint of this framework (:func:`load_weights`, then its format checked)."""
+    return checked_checkpoint(path, load_weights(path, map_location, what="checkpoint"))
+
+
+def checked_checkpoint(path: str | os.PathLike[str], state: Any) -> dict[str, Any]:
+    """``state`` read from ``path`` if it is a checkpoint of a format this build reads, else a
+    :class:`CheckpointError` naming the file."""
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this framework (no format_version)")
-    if state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {state['format_version']} is newer than this build's {FORMAT_VERSION}"
-        )
+    version = state["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: format_version {version!r} is not a format version (1, 2, ...)")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version} is newer than this build's {FORMAT_VERSION}")
     return state
+
+
+def nonfinite_entry(state: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first floating-point tensor in ``state`` (nested dicts and lists) that holds NaN
+    or inf, or None. Such a state is never written: a diverged run's weights would resume nothing."""
+    if torch.is_tensor(state):
+        return prefix if state.is_floating_point() and not bool(torch.isfinite(state).all()) else None
+    if isinstance(state, dict):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, value in items:
+        found = nonfinite_entry(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def numbered_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:

@@ -21,7 +21,8 @@ from torch import nn
 
 from backbones import build_backbone
 from backbones.common import PRECISIONS, check_precision
-from core.checkpoint import NORMALIZATION, load_checkpoint
+from core.checkpoint import NORMALIZATION, checked_checkpoint, load_weights
+from core.registry import UnknownNameError
 from data.transforms import normalize_batch
 
 DEFAULT_INPUT = (127.5, 127.5)  # (mean, std) of (x - mean) / std on pixels 0..255: NORMALIZATION
@@ -158,7 +159,13 @@ class OnnxEmbedder:
         import onnxruntime
 
         self.path, self.precision = Path(path), "fp32"
-        self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        if self.path.stat().st_size == 0:
+            raise ValueError(f"{self.path}: empty file (0 bytes), not an ONNX model")
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's errors derive from Exception only
+            reason = str(err).split(" failed:")[-1].strip() or type(err).__name__
+            raise ValueError(f"{self.path}: not a readable ONNX model ({reason})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.color = color or meta.get("color", "rgb")
         self.scaling = onnx_input_scaling(self.path, meta, input_mean, input_std)
@@ -194,8 +201,10 @@ def load_embedder(
     PyTorch model (see :class:`TorchEmbedder`); ONNX models run as exported. ``input_mean``/``input_std``
     override the input scaling an ONNX model is fed (see :class:`OnnxEmbedder`)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: model file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a model file")
     check_precision(precision)
     if path.suffix == ".onnx":
         if precision != "fp32":
@@ -205,30 +214,54 @@ def load_embedder(
         raise ValueError(
             f"{path}: --input-mean/--input-std are for ONNX models; PyTorch models get {NORMALIZATION}"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)  # the one loader of PyTorch files: one-line errors naming the file
     if isinstance(state, dict) and "format_version" in state:
-        state = load_checkpoint(path)
-        meta = state["meta"]
-        model = build_backbone(
-            meta["arch"], embedding_size=meta["embedding_size"], input_size=meta["input_size"]
+        state = checked_checkpoint(path, state)
+        meta = state.get("meta")
+        needed = ("arch", "embedding_size", "input_size", "color")
+        if not isinstance(meta, dict) or any(k not in meta for k in needed) or "backbone" not in state:
+            raise ValueError(f"{path}: a checkpoint without backbone weights and meta {', '.join(needed)}")
+        model = _backbone(
+            path, meta["arch"], embedding_size=meta["embedding_size"], input_size=meta["input_size"]
         )
-        model.load_state_dict(state["backbone"])
+        _load_backbone_weights(path, model, state["backbone"], f"its meta arch {meta['arch']!r}")
         return TorchEmbedder(model, color or meta["color"], device, precision=precision)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: neither a checkpoint of this framework nor a backbone state dict")
     if backbone is None:
         raise ValueError(f"{path}: a plain state dict; name its architecture (--backbone r50, ...)")
     embedding_size = next(
         (v.shape[0] for k, v in state.items() if k.startswith("features.") and v.ndim == 1), 512
     )
-    model = build_backbone(backbone, embedding_size=int(embedding_size))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: does not fit backbone {backbone!r}: {err}") from None
+    model = _backbone(path, backbone, embedding_size=int(embedding_size))
+    _load_backbone_weights(path, model, state, f"backbone {backbone!r}")
     return TorchEmbedder(model, color or "rgb", device, precision=precision)
+
+
+def _backbone(path: Path, arch: str, **kwargs: object) -> nn.Module:
+    try:
+        return build_backbone(arch, **kwargs)
+    except UnknownNameError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _load_backbone_weights(path: Path, model: nn.Module, state: dict, what: str) -> None:
+    """``state`` into ``model``, or one line naming the file and the first keys that do not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{len(missing)} weights missing (first {missing[0]})"] if missing else []
+    problems += [f"{len(unexpected)} unexpected (first {unexpected[0]})"] if unexpected else []
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} of another shape (first {k}: {tuple(state[k].shape)}, "
+                        f"expected {tuple(own[k].shape)})")  # fmt: skip
+    if problems:
+        raise ValueError(f"{path}: does not fit {what}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
 
 
 # ------------------------------------------------------------------------------- command-line helpers
