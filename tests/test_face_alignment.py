@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from data.decode import decode_rgb
 from data.verification import load_bin, read_pairs
@@ -130,3 +131,88 @@ def test_crops_equal_insightface_norm_crop(shared_data):
         ours = align_face(decode_rgb(path.read_bytes(), str(path)), np.array(points))
         reference = cv2.imread(str(FIXTURES / f"insightface_{Path(name).stem}.png"))[:, :, ::-1]
         assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1, name
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "face_alignment" / "test_images"
+
+
+def test_a_large_photo_is_detected_and_aligned_like_the_original(detector, shared_data):
+    # the sample photos (150 px) upscaled to 2000 px: YuNet on the full photo finds no face in two of
+    # them; on a downscaled copy it finds each, and the landmarks, in the photo's pixels, are those of
+    # the original size within the detector's own scale jitter (a few % of the eye distance)
+    from core.embedders import load_embedder
+
+    embed = load_embedder(shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx", color="bgr")
+
+    def unit(crop):
+        x = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))[None])
+        return torch.nn.functional.normalize(embed(x), dim=1)[0]
+
+    for path in sorted(SAMPLES.glob("*.jpg")):
+        image = decode_rgb(path.read_bytes(), str(path))
+        small = largest_face(detector.detect(image))
+        scale = 2000 / image.shape[1]
+        big = cv2.resize(image, (2000, round(image.shape[0] * scale)), interpolation=cv2.INTER_CUBIC)
+        large = largest_face(detector.detect(big))
+        assert large is not None, path
+        eyes = np.linalg.norm(small.landmarks[0] - small.landmarks[1])
+        back = (large.landmarks + 0.5) / scale - 0.5  # into the original's pixel grid
+        assert np.linalg.norm(back - small.landmarks, axis=1).mean() < 0.1 * eyes, (
+            path,
+            back,
+            small.landmarks,
+        )
+        # the crop, warped from the 2000-px photo, is the same face to a recognition model (another photo
+        # of the same person scores about 0.7)
+        assert float(unit(align_face(big, large.landmarks)) @ unit(align_face(image, small.landmarks))) > 0.9
+
+
+class RecordingNet:
+    """Stands in for cv2.FaceDetectorYN and records the input sizes it is given."""
+
+    def __init__(self, net):
+        self.net, self.sizes = net, []
+
+    def setInputSize(self, size):  # OpenCV's name
+        self.sizes.append(tuple(size))
+        self.net.setInputSize(size)
+
+    def detect(self, image):
+        assert (image.shape[1], image.shape[0]) == self.sizes[-1]
+        return self.net.detect(image)
+
+
+def test_the_detector_sees_a_copy_of_bounded_size(shared_data):
+    detector = YuNetDetector(max_side=640)
+    detector._net = RecordingNet(detector._net)
+    path = SAMPLES / "George_W_Bush_0007.jpg"
+    image = decode_rgb(path.read_bytes(), str(path))
+    big = cv2.resize(image, (3000, 3000), interpolation=cv2.INTER_LINEAR)
+    face = largest_face(detector.detect(big))
+    assert face is not None and face.box.max() > 1500  # in the photo's pixels
+    assert max(max(size) for size in detector._net.sizes) <= 640
+    detector._net.sizes.clear()
+    detector.detect(image)  # small photos are still upscaled to min_side
+    assert detector._net.sizes == [(300, 300)]
+
+
+def test_a_face_much_larger_than_the_crop_is_averaged_not_aliased():
+    # a 1-pixel checkerboard under a face 20 times the crop's size: bilinear sampling alone reads the
+    # same phase of the pattern everywhere (a flat black or white crop); averaged, it is mid grey
+    board = ((np.indices((3000, 3000)).sum(0) % 2) * 255).astype(np.uint8)
+    crop = align_face(np.repeat(board[..., None], 3, axis=2), ARCFACE_TEMPLATE * 20 + 100)
+    assert abs(crop.mean() - 127.5) < 127.5 * 0.05 and crop.std() < 0.1 * 127.5, (crop.mean(), crop.std())
+
+
+def test_averaging_down_keeps_the_geometry():
+    # the same canvas drawn 12 times larger: the crop equals the one from the canvas at crop scale
+    canvas = np.zeros((112, 112, 3), np.uint8)
+    cv2.rectangle(canvas, (20, 20), (92, 100), (90, 140, 200), -1)
+    for (x, y), colour in zip(ARCFACE_TEMPLATE, [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0),
+                                                (0, 255, 255)], strict=True):  # fmt: skip
+        cv2.circle(canvas, (round(x), round(y)), 6, colour, -1)
+    truth = similarity(12.0, -9.0, 300.0, 150.0)
+    photo = cv2.warpAffine(canvas, truth, (1900, 1900), flags=cv2.INTER_LINEAR)
+    aligned = align_face(photo, apply(truth, ARCFACE_TEMPLATE))
+    inner = np.abs(aligned[24:96, 24:88].astype(int) - canvas[24:96, 24:88].astype(int))
+    assert np.median(inner) == 0 and inner.mean() < 6, inner.mean()
