@@ -12,7 +12,8 @@ Only the backbone is exported: input ``data`` (N x 3 x 112 x 112 float, dynamic 
   zoo looks for to feed such models unnormalised input.
 
 The export is run by onnxruntime on real aligned faces (the CelebA crops of the data folder, or
-``--verify-images DIR``) and must match PyTorch within 1e-4 on unit-normalised features.
+``--verify-images DIR``) and must match PyTorch within 1e-4 on unit-normalised features; only then is
+``out.onnx`` written, atomically (a file already there stays as it was when the export or the check fails).
 ``CKPT`` is a checkpoint of this framework or a plain state dict (with ``--backbone``).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,7 +31,9 @@ import torch
 from torch import nn
 
 from core.checkpoint import NORMALIZATION
+from core.cli import check_writable, error_line, main_guard
 from core.embedders import OnnxEmbedder, TorchEmbedder, load_embedder
+from core.fileio import atomic_write
 from core.paths import shared_data_dir
 from inference import read_aligned
 
@@ -123,23 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@main_guard("export_onnx")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_writable(args.out)  # before the export and its check, not after
     try:
         embedder = load_embedder(args.checkpoint, backbone=args.backbone, color=args.color)
         if not isinstance(embedder, TorchEmbedder):
             raise ValueError(f"{args.checkpoint}: already an exported model")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        export(embedder, args.out, args.fold_normalization, args.opset)
-        difference = verify(embedder, args.out, args.fold_normalization, real_faces(args.verify_images))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"export_onnx: {err}", file=sys.stderr)
+        faces = real_faces(args.verify_images)
+        # exported and checked in a scratch folder; OUT is written (atomically) only once it has passed
+        with tempfile.TemporaryDirectory(prefix="export_onnx_") as scratch:
+            staged = Path(scratch) / "model.onnx"
+            export(embedder, staged, args.fold_normalization, args.opset)
+            difference = verify(embedder, staged, args.fold_normalization, faces)
+            if difference > 1e-4:
+                print(f"export_onnx: the export differs from PyTorch by {difference:.2e} (> 1e-4) on unit "
+                      f"features; {args.out} not written", file=sys.stderr)  # fmt: skip
+                return 1
+            with atomic_write(args.out, "wb") as fh:
+                fh.write(staged.read_bytes())
+    except (OSError, ValueError) as err:
+        print(f"export_onnx: {error_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: input data (N x 3 x 112 x 112), output embedding; max |PyTorch - onnxruntime| "
           f"of unit features on 16 real faces: {difference:.2e}")  # fmt: skip
-    if difference > 1e-4:
-        print("export_onnx: the exported model differs from PyTorch by more than 1e-4", file=sys.stderr)
-        return 1
     return 0
 
 

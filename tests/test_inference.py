@@ -80,10 +80,43 @@ def test_a_photo_without_a_face_is_named_and_left_out(shared_data, tmp_path, cap
     blank = tmp_path / "wall.jpg"
     blank.write_bytes(encode_jpeg(torch.full((150, 150, 3), 128, dtype=torch.uint8).numpy()))
     samples = sorted(inference.SAMPLES.glob("*.jpg"))[:2]
-    assert inference.main(["--images", str(blank), *map(str, samples)]) == 1
+    assert inference.main(["--images", str(blank), *map(str, samples)]) == 0  # two photos still compared
     captured = capsys.readouterr()
     assert f"{blank}: no face found; left out" in captured.err
     assert "wall.jpg" not in captured.out and samples[0].name in captured.out
+    assert captured.err.splitlines()[-1] == "inference.py: 1 of 3 photos left out (named above)"
+
+
+def test_unreadable_photos_are_named_and_the_others_scored(shared_data, tmp_path, capsys):
+    samples = sorted(inference.SAMPLES.glob("*.jpg"))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(samples[0].read_bytes()[:600])  # a JPEG cut off after its first rows
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    missing, folder = tmp_path / "missing.jpg", tmp_path / "folder.jpg"
+    folder.mkdir()
+    bad = [cut, text, missing, folder]
+    assert inference.main(["--images", *map(str, bad), *map(str, samples)]) == 0
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    for path in bad:
+        assert sum(line.startswith(f"{path}: ") and line.endswith("; left out") for line in errors) == 1, path
+    assert "cannot read (No such file or directory)" in captured.err
+    names = captured.out.splitlines()[-len(samples) - 1].split()
+    assert names == [p.name for p in samples]  # every good photo in the matrix, no bad one
+    # the scores of the good photos are those of a run without the bad ones
+    assert inference.main(["--images", *map(str, samples)]) == 0
+    alone = capsys.readouterr().out.splitlines()
+    torch.testing.assert_close(matrix(captured.out.splitlines()[-3:]), matrix(alone[-3:]))
+
+
+def test_fewer_than_two_faces_is_an_error(shared_data, tmp_path, capsys):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    sample = sorted(inference.SAMPLES.glob("*.jpg"))[0]
+    assert inference.main(["--images", str(text), str(sample)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "inference.py: 1 of 2 photos gave a face; a similarity matrix needs 2"
 
 
 def test_similarity_matrix_of_aligned_crops(weights, crops, capsys):

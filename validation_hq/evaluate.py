@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from core.cli import check_writable, error_line, main_guard
 from core.embedders import add_embedder_arguments, embedder_from_args, embedder_key
 from core.extract import extract
 from core.fileio import atomic_write
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@main_guard("evaluate")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bins = list(args.bins)
@@ -110,12 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not bins:
         print("evaluate: no .bin given (--bins, or --bin-dir with lfw.bin, cfp_fp.bin, ...)", file=sys.stderr)
         return 2
+    if args.json:
+        check_writable(args.json)  # before the features are extracted, not after
     try:
         embed = embedder_from_args(args)
         key = embedder_key(args.model, embed)
         results = evaluate_bins(embed, bins, args.fusion, args.batch_size, args.cache, key, args.workers)
-    except (FileNotFoundError, ValueError, VerificationFileError) as err:
-        print(f"evaluate: {err}", file=sys.stderr)
+    except (OSError, ValueError, VerificationFileError) as err:
+        print(f"evaluate: {error_line(err)}", file=sys.stderr)
         return 2
     results["settings"] = {"model": str(args.model), "color": embed.color, "fusion": args.fusion,
                            "batch_size": args.batch_size, "normalization": embed.normalization,

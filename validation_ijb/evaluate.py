@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.cli import check_writable, error_line, main_guard
 from core.embedders import add_embedder_arguments, embedder_from_args, embedder_key
 from core.extract import extract_dataset
 from core.fileio import atomic_write
@@ -288,8 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@main_guard("evaluate")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out:
+        check_writable(args.out / f"{args.dataset}_{args.model.stem}.json")  # before the features, not after
     try:
         modes = parse_modes(args)
         meta = load_ijb(args.ijb_root, args.dataset, tuple(args.protocols) if args.protocols else None)
@@ -310,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         results = {**describe(meta), "modes": evaluate_features(meta, original, flipped, modes, weights)}
     except (OSError, ValueError) as err:  # missing/unreadable files, bad meta lines, corrupt images
-        print(f"evaluate: {err}", file=sys.stderr)
+        print(f"evaluate: {error_line(err)}", file=sys.stderr)
         return 2
     results["settings"] = {
         "model": str(args.model), "features": str(cache_file) if cache_file else None,

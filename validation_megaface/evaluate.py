@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from core.cli import check_writable, error_line, main_guard
 from core.embedders import (
     add_embedder_arguments,
     embedder_from_args,
@@ -224,8 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@main_guard("megaface")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json:
+        check_writable(args.json)  # before the features are extracted, not after
     try:
         embed = embedder_from_args(args)
         key = embedder_key(args.model, embed)
@@ -237,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit_distractors=args.limit_distractors, key=key,
         )  # fmt: skip
     except (OSError, ValueError) as err:
-        print(f"megaface: {err}", file=sys.stderr)
+        print(f"megaface: {error_line(err)}", file=sys.stderr)
         return 2
     settings = run_settings(args, embed, features=str(features), histogram_bins=NUM_BINS,
                             score="inner product of L2-normalised features")  # fmt: skip

@@ -26,6 +26,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from core.cli import check_writable, error_line, main_guard
 from core.embedders import (
     add_embedder_arguments,
     embedder_from_args,
@@ -121,8 +122,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@main_guard("validate_tinyface")
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.json:
+        check_writable(args.json)  # before the features are extracted, not after
     try:
         embed = embedder_from_args(args)
         tinyface = read_tinyface(find_testing_set(args.data_root), args.identities)
@@ -132,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate_tinyface(embed, tinyface, args.fusion, args.batch_size, args.workers, args.cache,
                                    embedder_key(args.model, embed), args.ranks)  # fmt: skip
     except (OSError, ValueError) as err:
-        print(f"validate_tinyface: {err}", file=sys.stderr)
+        print(f"validate_tinyface: {error_line(err)}", file=sys.stderr)
         return 2
     settings = run_settings(args, embed, score="inner product of L2-normalised features")
     print(settings_line(settings))
