@@ -68,7 +68,7 @@ def align_one(job: tuple[str, str, str]) -> tuple[str, str, int]:
     face = largest_face(faces)
     if face is None:
         return photo, "no_face", 0
-    with atomic_write(target, "wb") as fh:
+    with atomic_write(target, "wb", durable=False) as fh:
         fh.write(encode_jpeg(align_face(image, face.landmarks), quality=95))
     return photo, "ok", len(faces)
 
