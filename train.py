@@ -3,6 +3,7 @@
     python train.py --config configs/cpu_tiny.yaml --set data.root=PATH output_dir=DIR
     torchrun --nproc_per_node=8 train.py --config configs/recipes/arcface.yaml --set data.root=/data/ms1mv2
     python train.py --config ... --resume auto          # continue DIR/last.pt (fresh start if none)
+    python train.py --config ... --overwrite            # a new run in DIR: the old run's files set aside
     python train.py --config ... --dry-run              # build everything, run 2 steps, report
 
 The backbone is wrapped in DDP (gradients summed over ranks, see ``core.distributed``); the classifier is
@@ -13,7 +14,8 @@ or ``probface``, which trains an uncertainty module on a frozen pretrained backb
 consumes one global batch of ``data.batch_size x processes x optim.grad_accum`` images in the order of
 ``data.sampler``, so a run resumes mid-epoch, and on another number of processes with the same global
 batch, exactly where it stopped. ``output_dir`` receives config.yaml, train.log, tensorboard/, step_N.pt,
-last.pt and best.pt.
+last.pt and best.pt; a new run into a folder that holds another run's checkpoints is refused, and every
+check (config, data, the checkpoint to resume and its fit with this run) happens before the first write.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,11 @@ from torch.nn.parallel import DistributedDataParallel
 from backbones import BACKBONES, build_backbone
 from core.checkpoint import (
     NORMALIZATION,
+    STEP_FILE,
     CheckpointError,
     load_checkpoint,
+    nonfinite_entry,
+    numbered_checkpoints,
     resolve_resume,
     save_step_checkpoint,
 )
@@ -53,6 +58,7 @@ from core.config import (
 )
 from core.distributed import (
     FAULT_EXIT_STATUS,
+    CollectiveError,
     any_rank,
     barrier,
     collective_error,
@@ -64,7 +70,7 @@ from core.distributed import (
 )
 from core.embedders import TorchEmbedder
 from core.extract import extract
-from core.fileio import remove_stale_temp_files
+from core.fileio import describe_os_error, remove_stale_temp_files
 from core.logbook import Logbook
 from core.optim import build_optimizer, build_scheduler
 from core.registry import UnknownNameError
@@ -126,6 +132,7 @@ class Run:
     step_in_epoch: int = 0
     best: float = -math.inf
     bad_steps: int = 0  # non-finite losses in a row
+    finite_embeddings: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per micro-batch
     skipped_steps: int = 0
     last_checkpoint: Path | None = None
     val_sets: list[VerificationSet] = dataclasses.field(default_factory=list)  # decoded by fit()
@@ -144,6 +151,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="dotted overrides"
     )
     parser.add_argument("--resume", default="", metavar="PATH|auto", help="checkpoint to continue from")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start in an output_dir that holds another run's checkpoints: its files are moved to "
+        "output_dir/replaced_<date-time>/ first (nothing is deleted)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="build everything, run 2 steps, report")
     return parser.parse_args(argv)
 
@@ -239,21 +252,36 @@ def build_sampler(cfg: Config, faces: FaceDataset, world: int, rank: int) -> Glo
     )
 
 
+def backbone_settings(cfg: Config) -> list[tuple[str, str, Any]]:
+    """What a backbone's weights were built for: (key in a checkpoint's ``meta``, config key, this run's
+    value). A checkpoint that differs in any is refused before its weights are loaded."""
+    return [
+        ("arch", "model.backbone", cfg.model.backbone),
+        ("embedding_size", "model.embedding_size", cfg.model.embedding_size),
+        ("input_size", "model.input_size", cfg.model.input_size or cfg.data.image_size),
+        ("color", "data.color", cfg.data.color),
+    ]
+
+
+def mismatched(meta: dict[str, Any], settings: list[tuple[str, str, Any]], known_only: bool = False) -> str:
+    """The settings in which ``meta`` differs from this run, as "arch 'r18' (this run: 'mbf'), ...; set
+    model.backbone, ... to match it" ('' when none; ``known_only`` passes keys the checkpoint lacks)."""
+    wrong = [(f"{k} {meta.get(k)!r} (this run: {v!r})", key) for k, key, v in settings
+             if meta.get(k) != v and not (known_only and meta.get(k) is None)]  # fmt: skip
+    if not wrong:
+        return ""
+    keys = ", ".join(dict.fromkeys(key for _, key in wrong))
+    return f"{', '.join(text for text, _ in wrong)}; set {keys} to match it"
+
+
 def load_pretrained(cfg: Config, backbone: nn.Module) -> None:
     """The backbone weights of checkpoint ``model.pretrained``, trained with this run's architecture,
     embedding and input size and colour order."""
     path = cfg.model.pretrained
     state = load_checkpoint(path)
-    meta = state.get("meta", {})
-    expected = {
-        "arch": cfg.model.backbone,
-        "embedding_size": cfg.model.embedding_size,
-        "input_size": cfg.model.input_size or cfg.data.image_size,
-        "color": cfg.data.color,
-    }
-    wrong = [f"{k} {meta.get(k)!r} (this run: {v!r})" for k, v in expected.items() if meta.get(k) != v]
+    wrong = mismatched(state.get("meta", {}), backbone_settings(cfg))
     if wrong:
-        raise CheckpointError(f"model.pretrained {path}: trained with {', '.join(wrong)}")
+        raise CheckpointError(f"model.pretrained {path}: trained with {wrong}")
     backbone.load_state_dict(state["backbone"])
 
 
@@ -406,9 +434,10 @@ def forward_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.
     regulariser (MagFace) as this rank's share of a global mean. Without a head, the loss of this PK
     micro-batch on its own, as this rank's share of the mean over the ranks (DDP sums their gradients)."""
     outputs = run.model(network_input(run, images))
+    embeddings = outputs if torch.is_tensor(outputs) else outputs[0]
+    run.finite_embeddings.append(torch.isfinite(embeddings).all())  # read only when the step goes bad
     if run.classifier is None:
         return run.loss(outputs, labels.to(run.device, non_blocking=True)) / get_world_size()
-    embeddings = outputs
     ce, all_labels = run.classifier.per_sample_ce(embeddings, labels.to(run.device, non_blocking=True))
     loss = run.loss.reduce(ce, all_labels)
     regularizer = getattr(run.classifier.head, "regularizer", None)
@@ -421,6 +450,7 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (NaN when skipped)."""
     seed_step(run)
     run.optimizer.zero_grad(set_to_none=True)
+    run.finite_embeddings.clear()
     # BN statistics and head buffers as they were: a skipped step must not leave inf/NaN in them
     buffers = [b for m in trained_modules(run) for b in m.buffers()]
     saved = [b.detach().clone() for b in buffers]
@@ -436,7 +466,11 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
             rows = slice(get_rank() * len(labels), (get_rank() + 1) * len(labels))
             seen.append((indices, run.classifier.last_target_cos[rows]))
     total = float(torch.stack(losses).sum())
-    if any_rank(not math.isfinite(total)):
+    # The one guard: non-finite embeddings and logits reach the loss (Partial FC lets them through, on every
+    # rank alike), and BN statistics or head buffers can overflow while the loss is still finite.
+    floats = [b.detach().reshape(-1).float() for b in buffers if b.is_floating_point()]
+    buffers_finite = not floats or bool(torch.isfinite(torch.cat(floats)).all())
+    if any_rank(not (math.isfinite(total) and buffers_finite)):
         run.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for buffer, old in zip(buffers, saved, strict=True):
@@ -444,11 +478,7 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
         run.bad_steps += 1
         run.skipped_steps += 1
         if run.bad_steps >= run.cfg.train.max_bad_steps:
-            labels = micro_batches[-1][1][:16].tolist()
-            raise TrainingError(
-                f"step {run.step}: loss is {total} for {run.bad_steps} steps in a row (labels of the last "
-                f"batch begin {labels}); last good checkpoint: {run.last_checkpoint or 'none written yet'}"
-            )
+            raise TrainingError(diverged(run, total, buffers_finite, micro_batches[-1][1]))
         run.scheduler.step()
         return math.nan
     run.bad_steps = 0
@@ -468,6 +498,24 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
         run.optimizer.step()
     run.scheduler.step()
     return total
+
+
+def diverged(run: Run, total: float, buffers_finite: bool, labels: torch.Tensor) -> str:
+    """Why the run stops after ``train.max_bad_steps`` skipped steps in a row: the step, what was not
+    finite, and the last checkpoint written (every one is finite: :func:`save` checks)."""
+    if not math.isfinite(total):
+        what = f"loss is {total}"
+    elif not buffers_finite:
+        what = f"BN statistics or head buffers are not finite (loss {total:.4g})"
+    else:
+        what = "the loss or buffers of another rank are not finite"
+    embeddings = "" if all(bool(f) for f in run.finite_embeddings) else "the embeddings hold NaN or inf; "
+    return (
+        f"step {run.step}: {what} for {run.bad_steps} steps in a row ({embeddings}train.max_bad_steps "
+        f"{run.cfg.train.max_bad_steps}; labels of the last batch begin {labels[:16].tolist()}): if the run "
+        f"diverged, lower optim.lr or set optim.grad_clip; last good checkpoint: "
+        f"{run.last_checkpoint or 'none written yet'}"
+    )
 
 
 def trained_modules(run: Run) -> list[nn.Module]:
@@ -530,7 +578,7 @@ def train_one_epoch(run: Run, log: Logbook, limit: int) -> None:
         log.progress(1, {"loss": f"{loss:.3f}", "lr": f"{lr:.4g}", "img/s": f"{rate:.0f}"})
         if run.step % cfg.train.log_every == 0 or run.step == limit:
             elapsed = time.perf_counter() - window_start
-            report(run, log, window_loss / max(1, window_good), window_steps, elapsed)
+            report(run, log, window_loss / window_good if window_good else math.nan, window_steps, elapsed)
             window_loss, window_good, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
         if run.step == limit or run.step == run.total_steps:
             break  # fit() validates and saves the end
@@ -656,17 +704,95 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run, log: Logbook, best: bool = False) -> None:
+    """Write ``step_N.pt`` (and point last.pt/best.pt at it) on rank 0. A state holding NaN or inf anywhere
+    (weights, BN statistics, head buffers, optimizer state) is not written: the run stops, naming the
+    tensor and the last good checkpoint, which stays as it was."""
     state = checkpoint_state(run)  # a collective: every rank takes part, rank 0 writes
-    if get_rank() == 0:
+    target = run.out / f"step_{run.step}.pt"
+
+    def write() -> None:
+        bad = nonfinite_entry(state)
+        if bad is not None:
+            raise TrainingError(
+                f"step {run.step}: {target.name} not written: {bad} holds NaN or inf (the run diverged: "
+                f"lower optim.lr or set optim.grad_clip); last good checkpoint: "
+                f"{run.last_checkpoint or 'none written yet'}"
+            )
         save_step_checkpoint(run.out, run.step, state, run.cfg.train.keep_last, best)
-    run.last_checkpoint = run.out / f"step_{run.step}.pt"
-    log.line(f"saved {run.last_checkpoint}" + (" (best)" if best else ""))
+
+    on_rank0(write, f"write {target}")
+    run.last_checkpoint = target
+    log.line(f"saved {target}" + (" (best)" if best else ""))
+
+
+def on_rank0(action: Callable[[], Any], what: str) -> Any:
+    """``action()`` on rank 0 alone (its result there, None elsewhere). When it fails, every rank stops
+    (the others with a line pointing at rank 0's), so none is left waiting at the next collective."""
+    error: BaseException | None = None
+    result = None
+    if get_rank() == 0:
+        try:
+            result = action()
+        except Exception as err:  # re-raised below, on every rank
+            error = err
+    if any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise TrainingError(f"rank 0 could not {what} (its message says why)")
+    return result
 
 
 def resume(run: Run, path: Path) -> str:
     """Continue from checkpoint ``path``: weights, head buffers, optimizer, schedule, scaler, position.
-    Returns the line to log."""
+    Everything is checked before anything is loaded (:func:`check_resumable`). Settings changed since the
+    checkpoint take effect from the resumed step, the optimizer's included: its state (momentum, moments)
+    is the checkpoint's, its hyperparameters and base learning rate this run's, the schedule's factor
+    taken at the resumed step. Returns the line to log."""
     state = load_checkpoint(path, map_location=run.device)
+    check_resumable(run, path, state)
+    sampler = state["sampler"]
+    old = config_to_dict(config_from_dict(state["config"], source=str(path)))
+    changed = [f"{s}.{k} {old.get(s, {}).get(k)!r} -> {v[k]!r}"
+               for s, v in config_to_dict(run.cfg).items() if isinstance(v, dict)
+               for k in v if old.get(s, {}).get(k) != v[k]]  # fmt: skip
+    run.backbone.load_state_dict(state["backbone"])
+    if run.uncertainty is not None:
+        run.uncertainty.load_state_dict(state["uncertainty"])
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
+    base_lrs = list(run.scheduler.base_lrs)
+    if run.classifier is not None:
+        run.classifier.load_state_dict(state["head"])
+        run.classifier.load_optimizer_state_dict(run.optimizer, state["optimizer"])
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scheduler.base_lrs = base_lrs
+    step = run.scheduler.last_epoch
+    lrs = [base * factor(step) for factor, base in zip(run.scheduler.lr_lambdas, base_lrs, strict=True)]
+    for group, ours, lr in zip(run.optimizer.param_groups, settings, lrs, strict=True):
+        group.update(ours, lr=lr)
+    run.scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+    if run.scaler and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.epoch, run.step_in_epoch = state["step"], sampler["epoch"], sampler["step_in_epoch"]
+    run.best, run.skipped_steps = state["train"]["best"], state["train"]["skipped_steps"]
+    run.validation = state["validation"]
+    if run.difficulty is not None and state.get("difficulty") is not None:
+        run.difficulty.scores.copy_(state["difficulty"])
+    elif run.difficulty is not None:
+        changed.append("mining.difficulty (scores start at U(0, 1): the checkpoint has none)")
+    run.last_checkpoint = path
+    note = f"resumed {path} at epoch {run.epoch} step {run.step}"
+    if changed:
+        note += f"; changed since the checkpoint, applied from step {run.step}: {', '.join(changed)}"
+    return note
+
+
+def check_resumable(run: Run, path: Path, state: dict[str, Any]) -> None:
+    """Refuse, in one line naming ``path``, the setting and both values, a checkpoint this run cannot
+    continue: no training state, another global batch or seed, a model, classifier or optimizer of
+    another shape (architecture, embedding or input size, colour order, head, class count, optimizer,
+    parameter groups), difficulty scores of another dataset size."""
     missing = [key for key in ("optimizer", "sampler", "head", "scheduler") if key not in state]
     if missing:
         raise CheckpointError(
@@ -684,72 +810,121 @@ def resume(run: Run, path: Path) -> str:
         raise CheckpointError(
             f"{path}: trained with seed {sampler['seed']}, this run has {run.cfg.experiment.seed}"
         )
-    old = config_to_dict(config_from_dict(state["config"], source=str(path)))
-    changed = [f"{s}.{k}" for s, v in config_to_dict(run.cfg).items() if isinstance(v, dict)
-               for k in v if old.get(s, {}).get(k) != v[k]]  # fmt: skip
+    meta = dict(state.get("meta", {}))
     if bool(state["head"]) != (run.classifier is not None):
         raise CheckpointError(
-            f"{path}: trained with head {state['meta']['head']!r}, this run has head.name "
+            f"{path}: trained with head {meta.get('head')!r}, this run has head.name "
             f"{run.cfg.head.name!r}: a classifier and a loss on the embeddings do not resume one another"
         )
     if (state.get("uncertainty") is not None) != (run.uncertainty is not None):
         raise CheckpointError(
-            f"{path}: model.uncertainty was {state['meta'].get('uncertainty', 'none')!r}, this run has "
+            f"{path}: model.uncertainty was {meta.get('uncertainty', 'none')!r}, this run has "
             f"{run.cfg.model.uncertainty!r}"
         )
-    run.backbone.load_state_dict(state["backbone"])
+    if state["head"] and "num_classes" not in meta and torch.is_tensor(state["head"].get("weight")):
+        meta["num_classes"] = int(state["head"]["weight"].shape[0])
+    settings = [
+        *backbone_settings(run.cfg),
+        ("uncertainty", "model.uncertainty", run.cfg.model.uncertainty),
+        ("head", "head.name", run.cfg.head.name),
+        ("num_classes", "data.root", run.num_classes),  # the classes are those of the data
+    ]
+    wrong = mismatched(meta, settings, known_only=True)
+    if wrong:
+        hint = ""
+        if not mismatched(meta, backbone_settings(run.cfg), known_only=True):
+            hint = f" (a new classifier on its backbone: a new run with model.pretrained={path})"
+        raise CheckpointError(f"{path}: trained with {wrong}, or start a new output_dir{hint}")
+    old_optim = state.get("config", {}).get("optim", {}).get("name")
+    if old_optim is not None and old_optim != run.cfg.optim.name:
+        raise CheckpointError(
+            f"{path}: trained with optim.name {old_optim!r} (this run: {run.cfg.optim.name!r}): its "
+            "optimizer state does not carry over; set optim.name to match it, or start a new output_dir"
+        )
+    saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+    groups = [len(group["params"]) for group in run.optimizer.param_groups]
+    if saved_groups != groups:
+        raise CheckpointError(
+            f"{path}: its optimizer holds parameter groups of {saved_groups} tensors, this run's of {groups} "
+            "(optim.no_decay_bn_bias, model.freeze_backbone or the trained modules differ); set them as "
+            "the checkpoint was trained"
+        )
+    modules = [("backbone", run.backbone.state_dict(), "model.backbone", run.cfg.model.backbone)]
     if run.uncertainty is not None:
-        run.uncertainty.load_state_dict(state["uncertainty"])
+        modules.append(
+            ("uncertainty", run.uncertainty.state_dict(), "model.uncertainty", run.cfg.model.uncertainty)
+        )
     if run.classifier is not None:
-        run.classifier.load_state_dict(state["head"])
-        run.classifier.load_optimizer_state_dict(run.optimizer, state["optimizer"])
-    else:
-        run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    if run.scaler and state["scaler"]:
-        run.scaler.load_state_dict(state["scaler"])
-    run.step, run.epoch, run.step_in_epoch = state["step"], sampler["epoch"], sampler["step_in_epoch"]
-    run.best, run.skipped_steps = state["train"]["best"], state["train"]["skipped_steps"]
-    run.validation = state["validation"]
-    if run.difficulty is not None and state.get("difficulty") is not None:
-        if state["difficulty"].shape != run.difficulty.scores.shape:
-            raise CheckpointError(
-                f"{path}: difficulty scores of {state['difficulty'].numel()} images, the data has "
-                f"{run.difficulty.scores.numel()}"
-            )
-        run.difficulty.scores.copy_(state["difficulty"])
-    elif run.difficulty is not None:
-        changed.append("mining.difficulty (scores start at U(0, 1): the checkpoint has none)")
-    run.last_checkpoint = path
-    return f"resumed {path} at epoch {run.epoch} step {run.step}" + (
-        f"; changed: {changed}" if changed else ""
-    )
+        head = dict(run.classifier.head.state_dict())
+        head["weight"] = torch.empty(run.num_classes, run.cfg.model.embedding_size, device="meta")
+        modules.append(("head", head, "head.name", run.cfg.head.name))
+    for name, expected, key, value in modules:
+        misfit = state_misfit(state[name], expected)
+        if misfit:
+            raise CheckpointError(f"{path}: its {name} does not fit this run's {key} {value!r}: {misfit}")
+    scores = state.get("difficulty")
+    if run.difficulty is not None and scores is not None and scores.shape != run.difficulty.scores.shape:
+        raise CheckpointError(
+            f"{path}: difficulty scores of {scores.numel()} images, the data has "
+            f"{run.difficulty.scores.numel()}"
+        )
+
+
+def state_misfit(saved: dict[str, Any], expected: dict[str, Any]) -> str:
+    """What keeps ``saved`` from loading where ``expected`` is (missing and unexpected keys, other
+    shapes), in a few words naming the first of each; '' when it fits."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys missing ({missing[0]}, ...)")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({unexpected[0]}, ...)")
+    if shapes:
+        k = shapes[0]
+        old, new = tuple(saved[k].shape), tuple(expected[k].shape)
+        parts.append(f"{len(shapes)} of another shape ({k}: {old}, this run: {new})")
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------- main
 
 
-def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) -> Run:
-    """Build, resume if asked, train to the end (or ``train.max_steps``), validate and save."""
+def fit(
+    cfg: Config, resume_from: str = "", device: torch.device | None = None, overwrite: bool = False
+) -> Run:
+    """Build, resume if asked, train to the end (or ``train.max_steps``), validate and save.
+
+    Nothing is written before every check has passed (the config, the data, the checkpoint to resume
+    and its fit with this run, the output folder), so a refused run leaves ``output_dir`` as it was.
+    ``overwrite`` starts in a folder holding another run's checkpoints, after moving them aside."""
     device = device or init_distributed(cfg.train.collective_timeout_s, cfg.train.launcher_watch_s)
     if cfg.model.freeze_backbone and not cfg.model.pretrained:
         raise ConfigError(
             "model.freeze_backbone needs model.pretrained, the checkpoint whose backbone to keep"
         )
+    if overwrite and resume_from == "auto":
+        raise TrainingError(
+            "--overwrite starts a new run in output_dir and --resume auto continues the one there: give one"
+        )
     run = build(cfg, device)
     run.val_sets = [load_bin(path) for path in run.val_paths]
-    rank0 = get_rank() == 0
-    stale: list[Path] = []
-    if rank0:
-        run.out.mkdir(parents=True, exist_ok=True)
-        stale = remove_stale_temp_files(run.out)  # partial files of saves a kill interrupted
-        dump_config(cfg, run.out / "config.yaml")
     path = resolve_resume(resume_from, run.out) if resume_from else None
     note = resume(run, path) if path is not None else None
     if note is None and resume_from == "auto":
         note = f"no checkpoint in {run.out}; starting fresh"
-    log = Logbook(run.out, run.total_steps, start_step=run.step, enabled=rank0)
+    on_rank0(lambda: check_output_dir(run.out, path, run.step, overwrite), f"use output_dir {run.out}")
+    # the first write: every check has passed
+    stale, aside = on_rank0(lambda: prepare_output_dir(run, overwrite), f"prepare {run.out}") or ([], None)
+    if aside is not None and path is not None and path.parent == run.out:
+        run.last_checkpoint = aside / path.name
+    log = on_rank0(
+        lambda: Logbook(run.out, run.total_steps, start_step=run.step), f"open {run.out / 'train.log'}"
+    ) or Logbook(run.out, run.total_steps, enabled=False)
     try:
+        if aside is not None:
+            log.line(f"--overwrite: the files of the run that was here were moved to {aside}")
         if stale:
             log.line(f"removed {len(stale)} partial files of interrupted writes: {[p.name for p in stale]}")
         if note:
@@ -767,18 +942,75 @@ def fit(cfg: Config, resume_from: str = "", device: torch.device | None = None) 
         barrier()
         if run.dataset.bad_records.count:
             log.line(run.dataset.bad_records.summary())
-    except INPUT_ERRORS as err:
-        log.line(f"stopped: {err}")  # train.log says why the run ended, not only the console
-        raise
-    except RuntimeError as err:
+    except BaseException as err:
         failure = collective_error(err, step=run.step)  # another rank stopped or died: say which, where
-        if failure is None:
-            raise
-        log.line(f"stopped: {failure}")
-        raise failure from err
+        log.stopped(stop_reason(failure or err))  # train.log says why the run ended, not only the console
+        if failure is not None and failure is not err:
+            raise failure from err
+        raise
     finally:
         log.close()
     return run
+
+
+# the files of a run in its output_dir (others there are the user's and stay)
+RUN_FILES = ("config.yaml", "train.log", "tensorboard", "last.pt", "best.pt")
+
+
+def run_checkpoints(out: Path) -> list[Path]:
+    """The checkpoints in ``out``: ``step_N.pt`` (oldest first), then last.pt and best.pt."""
+    return numbered_checkpoints(out) + [out / n for n in ("last.pt", "best.pt") if (out / n).is_file()]
+
+
+def check_output_dir(out: Path, resumed: Path | None, step: int, overwrite: bool) -> None:
+    """Refuse to mix two runs in ``out``: a new run where checkpoints are, or a resumed one where newer
+    checkpoints of another course of the run are (they would be overwritten, pruned and re-pointed)."""
+    found = run_checkpoints(out) if out.is_dir() else []
+    if overwrite or not found:
+        return
+    aside = f"--overwrite to start over (its files are moved to {out / 'replaced_<date-time>'}/)"
+    if resumed is None:
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise TrainingError(
+            f"output_dir {out} already holds checkpoints ({names}): a new run would overwrite and prune "
+            f"them; continue that run with --resume auto, choose a new output_dir, or pass {aside}"
+        )
+    newer = [p for p in numbered_checkpoints(out) if int(STEP_FILE.fullmatch(p.name).group(1)) > step]
+    if newer:
+        raise TrainingError(
+            f"output_dir {out} holds {newer[-1].name}, newer than step {step} of --resume {resumed}: "
+            f"continuing there would mix two runs; --resume auto continues the newest, a new output_dir "
+            f"keeps both, or pass {aside}"
+        )
+
+
+def prepare_output_dir(run: Run, overwrite: bool) -> tuple[list[Path], Path | None]:
+    """Rank 0's first writes: the previous run's files moved aside (``--overwrite``; never deleted),
+    partial files of interrupted saves removed, the resolved config written. Returns (the removed
+    partial files, the folder the previous run's files went to or None)."""
+    aside = None
+    if overwrite and run.out.is_dir() and run_checkpoints(run.out):
+        previous = [*run_checkpoints(run.out), *(run.out / name for name in RUN_FILES)]
+        aside = run.out / f"replaced_{time.strftime('%Y%m%d-%H%M%S')}"
+        while aside.exists():
+            aside = aside.with_name(aside.name + "_")
+        aside.mkdir()
+        for item in dict.fromkeys(p for p in previous if p.exists()):
+            item.rename(aside / item.name)  # the same file system: instant, and nothing is copied
+    stale = remove_stale_temp_files(run.out)  # partial files of saves a kill interrupted
+    dump_config(run.cfg, run.out / "config.yaml")
+    return stale, aside
+
+
+def stop_reason(err: BaseException) -> str:
+    """The one line that says why a run stopped (on the console and at the end of train.log)."""
+    if isinstance(err, OSError):  # the file system's reason, with the path
+        return describe_os_error(err)
+    if isinstance(err, (*INPUT_ERRORS, CollectiveError)):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (KeyboardInterrupt)"
+    return f"unexpected error {type(err).__name__}: {err} (the traceback is on the console)"
 
 
 def dry_run(cfg: Config, steps: int = 2) -> dict[str, object]:
@@ -822,10 +1054,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for key, value in dry_run(cfg).items():
                 print(f"{key}: {value}")
             return 0
-        fit(cfg, args.resume)
-    except INPUT_ERRORS as err:
-        print(f"train.py: {err}", file=sys.stderr)
+        fit(cfg, args.resume, overwrite=args.overwrite)
+    except (*INPUT_ERRORS, OSError) as err:  # the user's input or the file system: one line, no traceback
+        print(f"train.py: {stop_reason(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        return 130
     except RuntimeError as err:  # a collective that another rank left waiting: one line, no barrier with it
         failure = collective_error(err)
         if failure is None:

@@ -5,6 +5,7 @@ Other ranks get a logbook that does nothing, so the training loop never asks whi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+from core.fileio import WriteError
 
 
 class Logbook:
@@ -32,8 +35,12 @@ class Logbook:
         if not enabled:
             return
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.log = (folder / "train.log").open("a", encoding="utf-8")
+        self.path = folder / "train.log"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.log = self.path.open("a", encoding="utf-8")
+        except OSError as err:
+            raise WriteError(self.path, err) from err
         from torch.utils.tensorboard import SummaryWriter  # imported here: rank 0 only, and slow to import
 
         self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step or None)
@@ -48,9 +55,18 @@ class Logbook:
             return
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
         assert self.log is not None
-        self.log.write(stamped + "\n")
-        self.log.flush()
+        try:
+            self.log.write(stamped + "\n")
+            self.log.flush()
+        except OSError as err:  # a full disk: name the log, not a bare "[Errno 28]"
+            raise WriteError(self.path, err) from err
         tqdm.write(stamped, file=sys.stdout)
+
+    def stopped(self, reason: str) -> None:
+        """The last line of train.log: why the run ended. Best effort: when the log itself cannot be
+        written (the disk is full) the console still gets the reason from the caller."""
+        with contextlib.suppress(OSError):
+            self.line(f"stopped: {reason}")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.enabled:

@@ -46,9 +46,15 @@ def init_centres(rows: torch.Tensor, init: str, generator: torch.Generator | Non
 
 
 def check_inputs(
-    owner: str, embeddings: torch.Tensor, labels: torch.Tensor, embedding_size: int, num_classes: int
+    owner: str,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    embedding_size: int,
+    num_classes: int,
+    finite: bool = True,
 ) -> None:
-    """Refuse inputs a head cannot use, naming the value and the limit."""
+    """Refuse inputs a head cannot use, naming the value and the limit (non-finite embeddings only when
+    ``finite``)."""
     if embeddings.ndim != 2 or embeddings.shape[1] != embedding_size:
         shape = tuple(embeddings.shape)
         raise ValueError(f"{owner}: embeddings of shape {shape}, expected (N, {embedding_size})")
@@ -60,7 +66,7 @@ def check_inputs(
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
             raise ValueError(f"{owner}: label {low if low < 0 else high} outside [0, {num_classes})")
-    if not torch.isfinite(embeddings).all():
+    if finite and not torch.isfinite(embeddings).all():
         raise ValueError(f"{owner}: embeddings contain NaN or inf")
 
 

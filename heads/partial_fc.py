@@ -143,7 +143,10 @@ class PartialFC(nn.Module):
         """(cross-entropy of every sample of the global batch, their labels), the same on every rank:
         rank r's samples come r-th. Any function of this vector (focal, FRABSM weight) has exact
         gradients for the centres of this shard and for every rank's embeddings."""
-        check_inputs("PartialFC", embeddings, labels, self.embedding_size, self.num_classes)
+        # Non-finite embeddings pass: gathered, they make the cross-entropy NaN on every rank alike, and the
+        # training loop skips the step everywhere (an error here, on one rank, would leave the others
+        # waiting in the all-gather, and would stop the run before train.max_bad_steps can act).
+        check_inputs("PartialFC", embeddings, labels, self.embedding_size, self.num_classes, finite=False)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             all_embeddings = all_gather_with_grad(embeddings.to(compute_dtype(embeddings)))
             all_labels = torch.cat(all_gather_padded(labels))

@@ -3,6 +3,7 @@ it learns, resumes exactly after a kill, and 2 gloo processes equal 1 process wi
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from backbones import build_backbone
-from core.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint, nonfinite_entry
 from core.config import load_config
 from core.embedders import TorchEmbedder, load_embedder
 from core.extract import extract
@@ -427,3 +428,97 @@ def test_a_smaller_network_input_is_resized_alike_in_training_and_evaluation(fac
         expected = model(normalize_batch(images, "rgb", 16))
     torch.testing.assert_close(embedder(images), expected)
     assert model.input_size == 16 and not torch.allclose(embedder(images[:, :, ::2, ::2]), expected)
+
+
+def test_a_changed_learning_rate_applies_from_the_resumed_step(faces, tmp_path):
+    """Resumed from step 1 with optim.lr halved: step 2 moves every trained parameter by half of what the
+    run at the old lr moved it (SGD: the same momentum buffer and gradient from the same weights, batch
+    and seed, times the lr), and other optimizer settings are this run's too."""
+    settings = ("data.batch_size=8", "model.input_size=16", "train.max_steps=2", "train.save_every=1")
+    full, half = tmp_path / "full", tmp_path / "half"
+    train.fit(load_config(CONFIG, overrides(faces["small"], full, *settings)))
+    train.fit(
+        load_config(CONFIG, overrides(faces["small"], half, *settings, "optim.lr=0.05")),
+        str(full / "step_1.pt"),
+    )
+    start, old, new = (
+        trained_tensors(p) for p in (full / "step_1.pt", full / "step_2.pt", half / "step_2.pt")
+    )
+    for key in start:
+        moved, expected = new[key] - start[key], 0.5 * (old[key] - start[key])
+        # each difference is rounded to the float32 spacing of the weights themselves (about 1 for BN's)
+        rounding = 4 * torch.finfo(torch.float32).eps * float(start[key].abs().max())
+        torch.testing.assert_close(moved, expected, rtol=1e-4, atol=rounding, msg=key)
+        if key == "head.weight":  # the comparison sees the lr: the old lr's step fails it
+            with pytest.raises(AssertionError):
+                torch.testing.assert_close(old[key] - start[key], expected, rtol=1e-4, atol=rounding)
+    assert "applied from step 1: optim.lr 0.1 -> 0.05" in (half / "train.log").read_text()
+
+    other = tmp_path / "other"
+    run = train.fit(
+        load_config(CONFIG, overrides(faces["small"], other, *settings[:2], "train.max_steps=1",
+                                      "optim.weight_decay=0.001", "optim.momentum=0.8")),
+        str(full / "step_1.pt"),
+    )  # fmt: skip
+    assert [(g["weight_decay"], g["momentum"]) for g in run.optimizer.param_groups] == [(0.001, 0.8)]
+    assert run.optimizer.state_dict()["state"]  # with the checkpoint's momentum buffers
+
+
+def test_non_finite_embeddings_go_through_the_guard(faces, tmp_path, monkeypatch):
+    """Embeddings turned NaN (a diverged backbone) reach Partial FC, which lets them through on every rank
+    alike: the step is skipped and counted, the run goes on, and in a row they stop it after
+    train.max_bad_steps, saying the embeddings were not finite."""
+    real = train.network_input
+    poisoned: set[int] = {1}
+    monkeypatch.setattr(
+        train, "network_input", lambda run, x: real(run, x) * (math.nan if run.step in poisoned else 1.0)
+    )
+    settings = ("data.batch_size=8", "model.input_size=16", "train.max_steps=4")
+    run = train.fit(load_config(CONFIG, overrides(faces["small"], tmp_path / "a", *settings)))
+    assert run.step == 4 and run.skipped_steps == 1
+    assert nonfinite_entry(load_checkpoint(tmp_path / "a" / "last.pt")) is None  # BN statistics restored
+
+    poisoned.update(range(2, 100))
+    cfg = load_config(CONFIG, overrides(faces["small"], tmp_path / "b", *settings, "train.max_bad_steps=2"))
+    message = (
+        r"step 2: loss is nan for 2 steps in a row \(the embeddings hold NaN or inf; train.max_bad_steps 2"
+    )
+    with pytest.raises(train.TrainingError, match=message):
+        train.fit(cfg)
+    assert "stopped: step 2: loss is nan" in (tmp_path / "b" / "train.log").read_text().splitlines()[-1]
+
+
+def test_a_checkpoint_holding_nan_or_inf_is_not_written(faces, tmp_path, monkeypatch):
+    """A BN statistic that overflowed after step 2's update: step_2.pt is not written, the run stops naming
+    the tensor and the last good checkpoint, which (and last.pt) stays byte for byte as it was."""
+    out = tmp_path / "run"
+    real = train.train_step
+    written: dict[str, bytes] = {}
+
+    def train_step(run, batches):
+        loss = real(run, batches)
+        if run.step == 1:  # the second step, before its save
+            written.update({p.name: p.read_bytes() for p in (out / "step_1.pt", out / "last.pt")})
+            name, buffer = next((n, b) for n, b in run.backbone.named_buffers() if n.endswith("running_var"))
+            buffer[0] = math.inf
+            written["tensor"] = f"backbone.{name}".encode()
+        return loss
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    cfg = load_config(CONFIG, overrides(faces["small"], out, "data.batch_size=8", "model.input_size=16",
+                                        "train.max_steps=3", "train.save_every=1"))  # fmt: skip
+    with pytest.raises(train.TrainingError) as caught:
+        train.fit(cfg)
+    tensor = written["tensor"].decode()
+    assert str(caught.value) == (
+        f"step 2: step_2.pt not written: {tensor} holds NaN or inf (the run diverged: lower optim.lr or set "
+        f"optim.grad_clip); last good checkpoint: {out / 'step_1.pt'}"
+    )
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "config.yaml",
+        "last.pt",
+        "step_1.pt",
+        "train.log",
+    ]
+    assert all((out / name).read_bytes() == data for name, data in written.items() if name.endswith(".pt"))
+    assert (out / "train.log").read_text().splitlines()[-1].endswith(f"stopped: {caught.value}")
