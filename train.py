@@ -1048,13 +1048,16 @@ def dry_run(cfg: Config, steps: int = 2) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    finished = False
     try:
         cfg = load_config(args.config, args.set)
         if args.dry_run:
             for key, value in dry_run(cfg).items():
                 print(f"{key}: {value}")
-            return 0
-        fit(cfg, args.resume, overwrite=args.overwrite)
+        else:
+            fit(cfg, args.resume, overwrite=args.overwrite)
+        finished = True
+        return 0
     except (*INPUT_ERRORS, OSError) as err:  # the user's input or the file system: one line, no traceback
         print(f"train.py: {stop_reason(err)}", file=sys.stderr)
         return 2
@@ -1069,8 +1072,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown_distributed(after_fault=True)
         return FAULT_EXIT_STATUS
     finally:
-        shutdown_distributed()
-    return 0
+        # after an error the other ranks may never reach a closing barrier (one rank met a bad record, the
+        # others wait in their next collective): leave without one; torchrun stops the rest
+        shutdown_distributed(after_fault=not finished)
 
 
 if __name__ == "__main__":

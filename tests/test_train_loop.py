@@ -522,3 +522,21 @@ def test_a_checkpoint_holding_nan_or_inf_is_not_written(faces, tmp_path, monkeyp
     ]
     assert all((out / name).read_bytes() == data for name, data in written.items() if name.endswith(".pt"))
     assert (out / "train.log").read_text().splitlines()[-1].endswith(f"stopped: {caught.value}")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["finished", "refused"])
+def test_a_rank_that_stops_on_an_error_leaves_without_the_closing_barrier(monkeypatch, capsys, fails):
+    """One rank that meets a bad record stops while the others wait in their next collective: a closing
+    barrier would wait for them until the collective timeout and then end in a traceback."""
+    calls = []
+
+    def fake_fit(cfg, resume, overwrite=False):
+        if fails:
+            raise train.TrainingError("record 7 of /data/train.rec: bad image")
+
+    monkeypatch.setattr(train, "fit", fake_fit)
+    monkeypatch.setattr(train, "shutdown_distributed", lambda after_fault=False: calls.append(after_fault))
+    status = train.main(["--config", CONFIG])
+    assert status == (2 if fails else 0)
+    assert calls == [fails]
+    assert ("record 7 of /data/train.rec" in capsys.readouterr().err) == fails
