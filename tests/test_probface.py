@@ -16,17 +16,18 @@ import torch.nn.functional as F
 
 import train
 from backbones import build_backbone
-from core.checkpoint import CheckpointError, load_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from core.config import ConfigError, load_config
 from core.embedders import load_embedder
 from data.decode import decode_rgb
+from data.transforms import normalize_batch
 from data.verification import load_bin
 from losses.probface import attention_distance
 from mining import PKSampler
 from probface import fusion, plot, risk
 from probface.embedder import extract_uncertain, load_probface
 from probface.loss import ProbFaceLoss
-from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size
+from probface.model import BETA_INIT, GAMMA_INIT, ProbFaceNet, UncertaintyModule, conv_final_size
 from tests.synthetic_faces import write_identity_folder, write_pairs_bin
 from validation_ijb.protocol import template_features
 
@@ -406,13 +407,43 @@ def faces(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def set_bn_statistics(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Replace every BN layer's running mean and variance with those of ``images`` (one train-mode pass,
+    cumulative averages), leaving the weights as they are."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average: exactly the statistics of this batch
+    model.train()
+    with torch.no_grad():
+        model(images)
+    model.eval()
+
+
+def last_maps(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return model(normalize_batch(torch.from_numpy(images), "rgb", 32), return_features=True)[1]
+
+
 @pytest.fixture(scope="module")
 def pretrained(faces) -> Path:
-    """A recognition checkpoint of this framework: 2 ArcFace steps of MobileFaceNet (32-d, 32x32)."""
+    """A recognition checkpoint of this framework: 24 ArcFace steps (4 epochs) of MobileFaceNet (32-d,
+    32x32), its BN statistics then set from the 96 training faces. A few steps leave BN's running statistics
+    near their initial 0 / 1, with which the evaluation-mode activations of this network vanish (every face
+    gave the same last map, variance ~1e-12); with the faces' statistics each face has its own map."""
     out = faces["root"] / "arcface"
     settings = [f"data.root={faces['train']}", f"output_dir={out}", "data.image_size=32"]
-    settings += ["data.batch_size=16", "data.num_workers=0", "model.embedding_size=32", "train.max_steps=2"]
+    settings += ["data.batch_size=16", "data.num_workers=0", "model.embedding_size=32", "train.max_steps=24"]
     assert train.main(["--config", str(ROOT / "configs" / "cpu_tiny.yaml"), "--set", *settings]) == 0
+    state = load_checkpoint(out / "last.pt")
+    model = build_backbone("mbf", embedding_size=32, input_size=32)
+    model.load_state_dict(state["backbone"])
+    files = sorted(faces["train"].glob("*/*.jpg"))
+    images = np.stack([decode_rgb(f.read_bytes(), str(f)).transpose(2, 0, 1) for f in files])
+    set_bn_statistics(model, normalize_batch(torch.from_numpy(images), "rgb", 32))
+    maps = last_maps(model, load_bin(faces["val"] / "lfw.bin").images)
+    assert float(maps.var(0).mean()) > 0.1 * float(maps.pow(2).mean())  # the faces' maps differ
+    save_checkpoint(out / "last.pt", {**state, "backbone": model.state_dict()})
     return out / "last.pt"
 
 
@@ -445,14 +476,26 @@ def test_probface_trains_only_the_uncertainty_on_the_frozen_backbone(
     assert state["backbone"].keys() == start["backbone"].keys()
     for key, value in start["backbone"].items():  # weights and BN statistics, bit for bit
         assert torch.equal(state["backbone"][key], value), key
-    # this 2-step backbone gives every face the same map (variance ~1e-12), which BN's epsilon 1e-3 keeps
-    # from becoming noise with a gradient: the shared shift is what moves
-    assert float(state["uncertainty"]["beta"]) < -1.0 - 1e-4
     trained = [i for group in state["optimizer"]["param_groups"] for i in group["params"]]
     assert len(trained) == len(state["optimizer"]["state"]) == 6  # fc1, bn1 (2), fc2, gamma, beta only
     log = (out / "train.log").read_text()
     mls = [float(line.split(" mls ")[1].split()[0]) for line in log.splitlines() if " mls " in line]
-    assert len(mls) == 12 and mls[-1] < mls[0]
+    assert len(mls) == 12 and all(math.isfinite(v) for v in mls)
+    # each face has its own map, so the module's normalised output z differs per face and its shared scale
+    # gamma learns (z = 0 and no gradient to gamma if every face gave the same map)
+    assert abs(float(state["uncertainty"]["gamma"]) - GAMMA_INIT) > 1e-5
+    # the MLS term of a constant sigma2 over genuine pairs, mean of 2 (1 - cos) / (2 sigma2) + log(2 sigma2),
+    # is least at sigma2* = mean (1 - cos): training moves the mean sigma2 from its start e^beta0 towards
+    # the sigma2* of these frozen features (computed here from the training faces' unit embeddings)
+    files = sorted(faces["train"].glob("*/*.jpg"))
+    labels = np.array([f.parent.name for f in files])
+    train_faces = np.stack([decode_rgb(f.read_bytes(), str(f)).transpose(2, 0, 1) for f in files])
+    mu, sigma2 = load_probface(out / "last.pt")(torch.from_numpy(train_faces))
+    cos = mu.double().numpy() @ mu.double().numpy().T
+    genuine = (labels[:, None] == labels[None, :]) & ~np.eye(len(labels), dtype=bool)
+    optimum, start = float((1.0 - cos[genuine]).mean()), math.exp(BETA_INIT["scalar"])
+    assert optimum > start + 0.05  # the direction is known before training
+    assert start + 0.02 < float(sigma2.mean()) < optimum
 
     # the embedder gives the backbone's unit mu and a positive sigma^2; resume equals no interruption
     embedder, plain = load_probface(out / "last.pt"), load_embedder(out / "last.pt")
@@ -460,6 +503,7 @@ def test_probface_trains_only_the_uncertainty_on_the_frozen_backbone(
     mu, sigma2 = embedder(images)
     torch.testing.assert_close(mu, F.normalize(plain(images), dim=1))
     assert sigma2.shape == (6, 1) and (sigma2 > 0).all()
+    assert float(sigma2.std() / sigma2.mean()) > 0.01  # one sigma2 per face, not one for all
     again = probface_settings(faces, resumed, pretrained, "train.save_every=0")
     assert train.main(["--config", PROBFACE, "--set", *again, "--resume", str(out / "step_8.pt")]) == 0
     for key, value in state["uncertainty"].items():
@@ -480,6 +524,13 @@ def test_risk_and_plot_commands_on_a_probface_checkpoint(faces, pretrained, prob
     result = json.loads((tmp_path / "r.json").read_text())
     kept = [row["pairs"] for row in result["lfw"]["rows"]]
     assert kept[0] == 40 and kept == sorted(kept, reverse=True) and kept[-1] < 40
+    # the pairs' uncertainties u = max(sigma2_1, sigma2_2) are distinct, so a risk r keeps the pairs up to
+    # the (1 - r) quantile of the 40 u: floor((1 - r) 39) + 1 of them
+    _, per_image = extract_uncertain(load_probface(out / "last.pt"), load_bin(bin_path).images, flip=False)
+    u = np.maximum(per_image[0::2, 0], per_image[1::2, 0])
+    assert len(np.unique(u)) == 40
+    risks = [row["risk"] for row in result["lfw"]["rows"]]
+    assert kept == [math.floor(round((1 - r) * 39, 6)) + 1 for r in risks]
     # the numbers are those of the library function on the same features: by default each image alone
     # and ProbFace's thresholds, as its evaluation; --flip fuses the mirror image, --thresholds bin
     val = load_bin(bin_path)
