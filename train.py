@@ -86,7 +86,7 @@ from heads.registry import HEADS
 from losses import LOSSES
 from losses.softmax_losses import inverse_log_frequency_weights
 from mining import DifficultyScores
-from mining.closeness_diversity import ClosenessDiversityMiner, MinedTerms
+from mining.closeness_diversity import ClosenessDiversityMiner, MinedTerms, is_mining_step
 from probface.loss import ProbFaceLoss  # registers loss "probface"
 from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size, has_feature_output
 from validation_hq.evaluate import score
@@ -484,7 +484,7 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     run.bad_steps = 0
     for indices, target_cos in seen:  # only a step that counts moves the scores
         run.difficulty.update(indices.to(run.device), target_cos)
-    if run.miner is not None and (run.step + 1) % run.cfg.mining.cd_interval == 0:
+    if run.miner is not None and is_mining_step(run.step, run.cfg.mining.cd_interval):
         add_mined_gradient(run, micro_batches[-1][1])
     if run.scaler:
         run.scaler.unscale_(run.optimizer)

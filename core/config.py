@@ -356,7 +356,7 @@ class OptimConfig:
 class ScheduleConfig:
     name: Literal["polynomial", "multistep", "cosine"] = "polynomial"
     warmup_epochs: float = bounded(0.0, min=0.0)
-    power: float = bounded(2.0, min=0.0)  # polynomial decay exponent (insightface PolyScheduler)
+    power: float = bounded(1.0, min=0.0)  # polynomial decay exponent (arcface_torch PolynomialLRWarmup: 1)
     # Epochs, multistep only.
     milestones: list[float] = field(default_factory=list, metadata=limits(min=0.0, increasing=True))
     gamma: float = bounded(0.1, above=0.0)

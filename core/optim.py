@@ -1,7 +1,11 @@
 """Optimizers and per-step learning-rate schedules built from the config (docs/methods.md §4).
 
 Schedules are per optimizer step: linear warmup from 0 over ``warmup_epochs``, then ``polynomial``
-(insightface's PolyScheduler), ``multistep`` (milestones in epochs) or ``cosine`` decay to ``min_lr``.
+(arcface_torch's PolynomialLRWarmup: (1 - progress)^power, power 1 by default as there; its former
+PolyScheduler used 2), ``multistep`` (milestones in epochs) or ``cosine`` decay to ``min_lr``. After the
+warmup the polynomial factor equals PolynomialLRWarmup's step for step; during the warmup step k takes
+(k + 1) / warmup of the rate, where PolynomialLRWarmup takes k / warmup after a first step at the full
+rate (docs/fidelity.md).
 """
 
 from __future__ import annotations

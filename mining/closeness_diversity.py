@@ -31,6 +31,14 @@ from losses.closeness_diversity import closeness_loss, diversity_loss
 from mining.difficulty import DifficultyScores, EasyHardSampler
 
 
+def is_mining_step(step: int, interval: int) -> bool:
+    """Whether optimizer step ``step`` (0-based, counted over the whole run: stage 2 resumes stage 1's
+    count) adds the mined terms, every ``interval`` steps from step 0 on (0, 5, 10, ... for 5), as the
+    method's code does (``train.py`` l.147 ``global_step % interval == 0``, its ``global_step`` counted from
+    0 and resumed at stage 1's last step + 1, l.97). ``interval`` <= 0: never."""
+    return interval > 0 and step % interval == 0
+
+
 @dataclass
 class MinedTerms:
     closeness: float

@@ -298,7 +298,7 @@ def test_renaming_a_part_starts_its_params_afresh(tmp_path):
     assert load_config(CONFIGS / "cpu_tiny.yaml", ["head.name=arcface"]).head.params == {"s": 32.0, "m": 0.3}
     cosface = load_config(CONFIGS / "recipes" / "cosface.yaml")
     assert cosface.head.params == {"s": 64.0, "m": 0.4}
-    assert cosface.optim.lr == 0.1 and cosface.schedule.power == 2.0  # the rest of the base recipe stays
+    assert cosface.optim.lr == 0.1 and cosface.schedule.power == 1.0  # the rest of the base recipe stays
 
 
 # ------------------------------------------------------------------------------------------ values
