@@ -1,22 +1,69 @@
 """Face images in ``root/<identity>/<image>`` folders (docs/methods.md §1.2), with the same contract as
-RecordIO.
+RecordIO, and the one lister of image files every part of the framework uses.
 
 Identities are the sub-folders in sorted order, labelled ``0..C-1``; images are sorted by file name within
 each identity, so every identity is one contiguous range of positions (what PK samplers need).
 ``self[i]`` is ``(encoded bytes, int label)``; decoding happens in the transform pipeline.
+
+What counts as an image is decided here once (:data:`IMAGE_SUFFIXES`, :func:`is_image`,
+:func:`list_images`, :func:`scan_identity_folders`): training on a folder, packing it into a RecordIO
+(``data.recordio.pack_folder``), aligning photos (``scripts.prepare_dataset``), masking a copy
+(``scripts.mask_dataset``) and listing MegaFace probes all see the same files.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-# The one list of image suffixes (every format data.decode reads); the RecordIO packer uses it too.
+# The one list of image suffixes (every format data.decode reads), compared in lower case.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp"}
 )
+
+
+def is_image(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path``'s name ends in one of :data:`IMAGE_SUFFIXES` (any case); the file is not opened."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
+    """The image files directly in ``folder`` and everything else there (sub-folders, other files), each
+    sorted by name."""
+    images, others = [], []
+    for entry in sorted(Path(folder).iterdir()):
+        (images if entry.is_file() and is_image(entry) else others).append(entry)
+    return images, others
+
+
+@dataclass
+class IdentityFolders:
+    """What :func:`scan_identity_folders` found under a root."""
+
+    identities: list[tuple[str, list[Path]]] = field(default_factory=list)  # sorted; each with images
+    empty: list[str] = field(default_factory=list)  # identity folders without images
+    loose: list[Path] = field(default_factory=list)  # images directly under the root
+    ignored: list[Path] = field(default_factory=list)  # everything else: other files, nested folders
+
+
+def scan_identity_folders(root: str | os.PathLike[str]) -> IdentityFolders:
+    """The ``root/<identity>/<image>`` tree, identities and images sorted by name; nothing is refused here
+    (:class:`ImageFolderFaces` says what it does not accept)."""
+    found = IdentityFolders()
+    for entry in sorted(Path(root).iterdir()):
+        if not entry.is_dir():
+            (found.loose if is_image(entry) else found.ignored).append(entry)
+            continue
+        images, others = list_images(entry)
+        found.ignored.extend(others)
+        if images:
+            found.identities.append((entry.name, images))
+        else:
+            found.empty.append(entry.name)
+    return found
 
 
 class FolderLayoutError(ValueError):
@@ -43,27 +90,16 @@ class ImageFolderFaces:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FolderLayoutError(f"{self.root}: image folder not found")
-        self.ignored: list[Path] = []
-        self.empty_identities: list[str] = []
-        self.classes: list[str] = []
+        found = scan_identity_folders(self.root)
+        self.ignored: list[Path] = found.ignored
+        self.empty_identities: list[str] = found.empty
+        self.classes: list[str] = [name for name, _ in found.identities]
         paths: list[Path] = []
         ranges: list[tuple[int, int]] = []
-        loose = []
-        for entry in sorted(self.root.iterdir()):
-            if not entry.is_dir():
-                (loose if entry.suffix.lower() in IMAGE_SUFFIXES else self.ignored).append(entry)
-                continue
-            entries = sorted(entry.iterdir())
-            images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-            self.ignored.extend(
-                p for p in entries if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            )
-            if not images:
-                self.empty_identities.append(entry.name)
-                continue
-            self.classes.append(entry.name)
+        for _, images in found.identities:
             ranges.append((len(paths), len(paths) + len(images)))
             paths.extend(images)
+        loose = found.loose
         if loose:
             raise FolderLayoutError(
                 f"{self.root}: images directly under the root ({loose[0].name}, ...): "

@@ -44,7 +44,7 @@ from core.cli import run_json_command
 from data import masks
 from data.builder import find_recordio
 from data.decode import decode_rgb, encode_jpeg, image_format
-from data.image_folder import IMAGE_SUFFIXES
+from data.image_folder import IMAGE_SUFFIXES, is_image
 from data.recordio import RecordIOFaceSet, RecordIOWriter, unpack
 from data.verification import read_bin_raw, write_bin
 
@@ -157,7 +157,7 @@ def mask_bin(
 
 def mask_folder(src: Path, dst: Path, masker: Masker, overwrite: bool = False, progress: bool = True) -> dict:
     files = sorted(p for p in src.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    images = [p for p in files if is_image(p)]
     if not images:
         raise ValueError(f"{src}: no images (suffixes {', '.join(sorted(IMAGE_SUFFIXES))}) found")
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -168,7 +168,7 @@ def mask_folder(src: Path, dst: Path, masker: Masker, overwrite: bool = False, p
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 masked = None
-                if path.suffix.lower() in IMAGE_SUFFIXES:
+                if is_image(path):
                     masked = masker(path.read_bytes(), str(path), zlib.crc32(rel.as_posix().encode()))
                 if masked is None:
                     shutil.copy2(path, target)
@@ -209,7 +209,7 @@ def sample_faces(src: Path, count: int) -> list[np.ndarray]:
     elif src.is_dir():
         folders = sorted(p for p in src.iterdir() if p.is_dir()) or [src]
         chosen = [folders[int(i)] for i in np.linspace(0, len(folders) - 1, count).astype(int)]
-        paths = [next(p for p in sorted(f.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES) for f in chosen]
+        paths = [next(p for p in sorted(f.iterdir()) if is_image(p)) for f in chosen]
         picks = [(p.read_bytes(), str(p)) for p in paths]
     else:
         raise FileNotFoundError(f"{src}: neither a .bin, a RecordIO nor a folder of images")

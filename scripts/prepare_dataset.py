@@ -30,25 +30,22 @@ from tqdm import tqdm
 from core.cli import check_writable, error_line, main_guard
 from core.fileio import atomic_write
 from data.decode import DecodeError, decode_rgb, encode_jpeg
+from data.image_folder import list_images, scan_identity_folders
 from data.recordio import pack_folder
 from data.verification import make_bin
 from face_alignment import YuNetDetector, align_face, largest_face
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".webp"}
 _detector: YuNetDetector | None = None
 
 
 def list_photos(root: Path, flat: bool) -> list[tuple[str, Path]]:
-    """(identity, photo) pairs, sorted. Flat layout: the identity is the name without its ``_NNNN``."""
+    """(identity, photo) pairs, sorted; photos are what :mod:`data.image_folder` lists as images, so the
+    crops packed with ``--rec`` come from the photos a training run on PHOTOS would read. Flat layout: the
+    identity is the name without its ``_NNNN``."""
     if flat:
-        photos = [p for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        photos, _ = list_images(root)
         return [(re.sub(r"_\d+$", "", p.stem), p) for p in photos]
-    return [
-        (folder.name, p)
-        for folder in sorted(d for d in root.iterdir() if d.is_dir())
-        for p in sorted(folder.iterdir())
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    return [(name, p) for name, images in scan_identity_folders(root).identities for p in images]
 
 
 def _init_worker(detector_path: str | None) -> None:

@@ -57,3 +57,39 @@ def test_real_celeba_folder(shared_data):
     first_dir = sorted(p for p in root.iterdir() if p.is_dir())[0]
     assert faces.path(0).parent == first_dir
     assert faces[0][0] == sorted(first_dir.iterdir())[0].read_bytes()
+
+
+def test_packing_training_aligning_and_megaface_see_the_same_images(tmp_path):
+    """One list of image suffixes: every format in any case is an image, a text file is not, whoever lists."""
+    import cv2
+
+    from data.recordio import RecordIOFaceSet, pack_folder
+    from scripts.prepare_dataset import list_photos
+    from validation_megaface.protocol import list_facescrub
+
+    root = tmp_path / "faces"
+    rng = np.random.default_rng(0)
+    expected = [
+        "amy/a_1.jpg", "amy/a_2.JPEG", "bob/b_1.png", "bob/b_2.bmp", "cyd/c_1.webp", "cyd/c_2.jpg",
+        "dan/d_1.tiff",
+    ]  # fmt: skip
+    for rel in expected:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        image = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+        ok, buf = cv2.imencode(Path(rel).suffix.lower().replace(".jpeg", ".jpg"), image)
+        assert ok
+        (root / rel).write_bytes(buf.tobytes())
+    (root / "amy" / "notes.txt").write_text("not a face")
+
+    summary = pack_folder(root, tmp_path / "rec" / "train")
+    packed = [line.split("\t")[2] for line in (tmp_path / "rec" / "train.lst").read_text().splitlines()]
+    training = ImageFolderFaces(root)
+    trained = [training.path(i).relative_to(root).as_posix() for i in range(len(training))]
+    aligned = [p.relative_to(root).as_posix() for _, p in list_photos(root, flat=False)]
+    probes = [p.relative_to(root).as_posix() for p in list_facescrub(root).files]
+    assert packed == trained == aligned == probes == expected
+    assert [Path(p).name for p in summary["ignored"]] == [p.name for p in training.ignored] == ["notes.txt"]
+    assert [p.name for _, p in list_photos(root / "amy", flat=True)] == ["a_1.jpg", "a_2.JPEG"]
+    rec = RecordIOFaceSet(tmp_path / "rec" / "train.rec")
+    assert rec.labels().tolist() == training.labels().tolist() == [0, 0, 1, 1, 2, 2, 3]
+    rec.close()

@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+from data.image_folder import IMAGE_SUFFIXES
+
+IMAGE_EXTENSIONS = tuple(sorted(IMAGE_SUFFIXES))  # the framework's one list of image suffixes
 NUM_BINS = 10_000
 FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9)
 HEADLINE_FAR = 1e-6
