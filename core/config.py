@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+from core import plugins
 from core.fileio import atomic_write
 from core.registry import ConfigError  # one error type for schema and registry-parameter checks
 
@@ -389,9 +390,21 @@ class TrainConfig:
 
 
 @dataclass
+class CustomImportsConfig:
+    """The user's own code (MMEngine's ``custom_imports``, :mod:`core.plugins`): Python files (relative to
+    the config file that names them, or absolute) or module names, imported by :func:`load_config` before
+    anything is built, so the parts they register are usable by name. A plain list is short for
+    ``imports``; ``allow_failed_imports`` warns about an entry that does not import instead of stopping."""
+
+    imports: list[str] = field(default_factory=list)
+    allow_failed_imports: bool = False
+
+
+@dataclass
 class Config:
     # Checkpoints, config.yaml, train.log and TensorBoard files of the run go here.
     output_dir: str = bounded("work_dirs/default", nonempty=True)
+    custom_imports: CustomImportsConfig = field(default_factory=CustomImportsConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -441,6 +454,8 @@ def _read_with_origins(
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
 
     bases = raw.pop(BASE_KEY, [])
+    if plugins.KEY in raw:  # files named relative to this file
+        raw[plugins.KEY] = plugins.resolve_entries(raw[plugins.KEY], path.parent)
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
@@ -769,12 +784,15 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
     Errors name the key and where its value was set: the ``--set`` argument, or the file and line."""
     merged, origins = _read_with_origins(path) if path is not None else ({}, {})
     nested, sources = _parse_overrides(overrides)
+    if plugins.KEY in nested:  # files named relative to the working directory
+        nested[plugins.KEY] = plugins.resolve_entries(nested[plugins.KEY], Path.cwd())
     origins = _drop(origins, _reset_params(merged, nested))
     merged = apply_overrides(merged, nested)
     origins = (
         _drop(origins, sources) | sources
     )  # an override replaces what the files set at and inside its key
     try:
+        merged, origins = _custom_imports_mapping(merged, origins)
         cfg = from_dict(Config, merged)
         validate(cfg)
     except ConfigError as err:
@@ -783,7 +801,26 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
             f"{where or (path if path is not None else 'config')}: {err}", key=err.key
         ) from None
     cfg._origins = origins
+    plugins.import_custom(
+        cfg.custom_imports.imports,
+        cfg.custom_imports.allow_failed_imports,
+        where=lambda i: cfg.origin(f"{plugins.KEY}.imports[{i}]") or str(path or "config"),
+    )
     return cfg
+
+
+def _custom_imports_mapping(
+    merged: dict[str, Any], origins: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``custom_imports`` given as a plain list, as the mapping of the schema; its ``imports`` set where the
+    list was."""
+    if plugins.KEY not in merged:
+        return merged, origins
+    value = merged[plugins.KEY]
+    merged = {**merged, plugins.KEY: plugins.as_mapping(value)}
+    if not isinstance(value, Mapping) and plugins.KEY in origins:
+        origins = {**origins, f"{plugins.KEY}.imports": origins[plugins.KEY]}
+    return merged, origins
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -793,6 +830,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def config_from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
     """Check a plain mapping (e.g. the config stored in a checkpoint) against the schema."""
     try:
+        data = _custom_imports_mapping(dict(data), {})[0] if isinstance(data, Mapping) else data
         cfg = from_dict(Config, data)
         validate(cfg)
     except ConfigError as err:

@@ -30,6 +30,11 @@ class ConfigError(ValueError):
         self.key = key
 
 
+class DuplicateNameError(ValueError):
+    """Raised when a name is registered twice for different parts (e.g. a user's part named like a built-in
+    one); the message names the part that holds the name."""
+
+
 class UnknownNameError(KeyError):
     """Raised for a name that is not registered; the message lists the valid names."""
 
@@ -49,8 +54,10 @@ class Registry:
 
         def decorator(factory: T) -> T:
             for key in (name or factory.__name__, *aliases):
-                if key in self._factories and self._factories[key] is not factory:
-                    raise ValueError(f"{self.kind} {key!r} is already registered")
+                held = self._factories.get(key)
+                if held is not None and held is not factory:
+                    owner = f"{getattr(held, '__module__', '?')}.{getattr(held, '__name__', held)}"
+                    raise DuplicateNameError(f"{self.kind} {key!r} is already registered (by {owner})")
                 self._factories[key] = factory
             return factory
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -194,8 +194,22 @@ class FaceTransform:
         return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
+@runtime_checkable
 class FaceSource(Protocol):
-    """What :class:`FaceDataset` reads: RecordIO sets and image folders both provide it."""
+    """The training data contract: what :class:`FaceDataset`, the samplers, the miners and ``train.py`` read.
+    RecordIO sets (``data.recordio.RecordIOFaceSet``) and image folders
+    (``data.image_folder.ImageFolderFaces``) both provide it; tests/test_contracts.py checks every one.
+
+    * ``num_images`` (= ``len(source)``) images at positions ``0 .. num_images - 1``, of ``num_identities``
+      identities with class ids ``0 .. num_identities - 1``;
+    * ``source[i]``: ``(encoded image bytes, class id)`` of position ``i``;
+    * ``labels()``: the class id of every position, an ``int64`` array of ``num_images``;
+    * ``indices_per_identity()``: class id -> ascending positions of its images (every position once), for
+      PK batches, mining and the replacement of bad records.
+
+    A source travels to DataLoader workers by pickling. Error messages name an image by its ``path(i)`` when
+    the source has one, else by ``rec_path`` and ``key(i)`` (:func:`describe`).
+    """
 
     num_images: int
     num_identities: int
