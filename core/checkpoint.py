@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from core.fileio import WriteError, atomic_write, temp_path
+from core.fileio import atomic_path, atomic_write
 
 FORMAT_VERSION = 1
 NORMALIZATION = "(x/255 - 0.5) / 0.5"
@@ -152,18 +152,11 @@ def latest_checkpoint(folder: str | os.PathLike[str]) -> Path | None:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src`` atomically (hard link, or a copy where links fail)."""
-    tmp = temp_path(dst)  # the atomic writer's pattern: what a kill leaves, remove_stale_temp_files removes
-    try:
+    with atomic_path(dst) as tmp:  # what a kill leaves, remove_stale_temp_files removes
         try:
             os.link(src, tmp)
         except OSError:  # file systems without hard links
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno is not None:  # a full disk, a read-only folder
-            raise WriteError(dst, exc) from exc
-        raise
 
 
 def save_step_checkpoint(

@@ -70,31 +70,65 @@ def atomic_write(
 
     A failure of the file system (creating the folder or the temporary file, writing, syncing, renaming)
     raises :class:`WriteError` naming ``path``; an ``OSError`` about another file (one the caller reads
-    inside the block) passes through unchanged."""
+    inside the block) passes through unchanged. Several files that must appear together (a RecordIO's
+    ``.rec`` and ``.idx``) are several of these in one ``contextlib.ExitStack``."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        blocker = _file_among_parents(path.parent)
-        raise WriteError(path, err, f"{blocker} is a file, not a folder" if blocker else "") from err
-    try:
+        raise _creation_error(path, err) from err
+    with _replacing(Path(tmp), path):
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; others on a cluster must read results
         with os.fdopen(fd, mode, **open_kwargs) as fh:
             yield fh
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh, unused name beside ``path`` (:func:`temp_path`) for a file the block makes itself (a hard
+    link, a copy); when the block ends, that file replaces ``path``. Errors as :func:`atomic_write`: the
+    temporary file is removed, a failure of the file system is a :class:`WriteError` naming ``path``."""
+    path = Path(path)
+    try:
+        _make_parent(path)
+    except OSError as err:
+        raise _creation_error(path, err) from err
+    tmp = temp_path(path)
+    with _replacing(tmp, path):
+        yield tmp
+
+
+@contextmanager
+def _replacing(tmp: Path, path: Path) -> Iterator[None]:
+    """The commit both writers share: rename ``tmp`` over ``path`` once the block is done; on any error
+    remove ``tmp`` and word a failure of the file system (no file named, or ``tmp`` or ``path``) as a
+    :class:`WriteError`."""
+    try:
+        yield
         os.replace(tmp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         cause = os_error_in(exc) if isinstance(exc, Exception) else None
         # the write itself failed (no file named, or ours), not a read of another file in the block
-        ours = cause is not None and cause.errno is not None and cause.filename in (None, tmp, str(path))
+        ours = cause is not None and cause.errno is not None and cause.filename in (None, str(tmp), str(path))
         if ours and not isinstance(exc, WriteError):
             raise WriteError(path, cause) from exc
         raise
+
+
+def _make_parent(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _creation_error(path: Path, err: OSError) -> WriteError:
+    """The :class:`WriteError` for a temporary file that could not be made beside ``path``."""
+    blocker = _file_among_parents(path.parent)
+    return WriteError(path, err, f"{blocker} is a file, not a folder" if blocker else "")
 
 
 def _file_among_parents(folder: Path) -> Path | None:

@@ -204,6 +204,32 @@ def test_writer_is_atomic(tmp_path: Path) -> None:
         writer.write(0, b"y")
 
 
+def test_writer_on_a_full_disk_names_the_file_and_keeps_the_old_pair(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from core.fileio import WriteError
+
+    target = tmp_path / "a.rec"
+    with RecordIOWriter(target) as writer:
+        writer.write(0, b"old")
+    old = target.read_bytes(), (tmp_path / "a.idx").read_bytes()
+
+    def no_space_left(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space_left)  # the disk fills when the records are flushed
+    with pytest.raises(WriteError) as caught, RecordIOWriter(target) as writer:
+        writer.write(0, b"new")
+    assert str(caught.value) == f"cannot write {target}: No space left on device"
+    assert (target.read_bytes(), (tmp_path / "a.idx").read_bytes()) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.idx", "a.rec"]  # no temporary files left
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder was meant")
+    with pytest.raises(WriteError, match=f"cannot write .*: {blocker} is a file, not a folder"):
+        RecordIOWriter(blocker / "b.rec")
+
+
 def make_folder(root: Path) -> dict[str, bytes]:
     """Identities b (2 JPEGs), a (JPEG + PNG + grey PGM), c (1 JPEG), all 32x32, and three entries to be
     ignored (a text file, a top-level file, a folder inside an identity)."""
