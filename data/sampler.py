@@ -22,9 +22,43 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from core.config import ConfigError
 from data.bad_records import RECORD_ERRORS, BadRecords, ScreenedLoader, describe_error
 from data.transforms import FaceDataset, describe
-from mining.pk_sampler import PKSampler
 
 REPLACEMENT_TRIES = 16  # random images tried for a bad record whose identity has no other readable one
+
+
+def split_global_batches(
+    order: np.ndarray, batch_size: int, world_size: int, rank: int, grad_accum: int = 1, start_step: int = 0
+) -> Iterator[np.ndarray]:
+    """The one split of an epoch's order across processes: global batch ``s`` is the ``s``-th run of
+    G = ``batch_size x world_size x grad_accum`` entries of ``order`` (a last partial run is dropped), and
+    rank ``r``'s micro-batch ``a`` of it is its chunk ``r * grad_accum + a``. Yields this rank's
+    micro-batches from global batch ``start_step`` on."""
+    global_batch = batch_size * world_size * grad_accum
+    for step in range(start_step, len(order) // global_batch):
+        batch = order[step * global_batch : (step + 1) * global_batch]
+        for a in range(grad_accum):
+            chunk = rank * grad_accum + a
+            yield batch[chunk * batch_size : (chunk + 1) * batch_size]
+
+
+def pk_groups(positions: dict[int, np.ndarray], p: int, k: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """One epoch of P x K groups (docs/methods.md §3.10): the identities in the order drawn from
+    ``(seed, epoch)``, cut into groups of ``p`` (a last incomplete group is dropped, so every identity
+    appears at most once); group ``b`` takes ``k`` images of each of its identities, drawn from
+    ``(seed, epoch, b)`` (with repeats where an identity has fewer than ``k``)."""
+    rng = np.random.default_rng([seed, epoch])
+    ids = np.array(sorted(positions))
+    rng.shuffle(ids)
+    groups = []
+    for b in range(len(ids) // p):
+        group_rng = np.random.default_rng([seed, epoch, b])
+        members = [np.asarray(positions[int(c)]) for c in ids[b * p : (b + 1) * p]]
+        groups.append(
+            np.concatenate([group_rng.choice(m, size=k, replace=len(m) < k) for m in members]).astype(
+                np.int64
+            )
+        )
+    return groups
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -72,13 +106,16 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         return (self.steps_per_epoch - self.start_step) * self.grad_accum
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = self.order(self.epoch)
-        for step in range(self.start_step, self.steps_per_epoch):
-            batch = order[step * self.global_batch : (step + 1) * self.global_batch]
-            for a in range(self.grad_accum):
-                chunk = self.rank * self.grad_accum + a
-                part = batch[chunk * self.batch_size : (chunk + 1) * self.batch_size]
-                yield [(self.epoch, int(i)) for i in part]
+        parts = split_global_batches(
+            self.order(self.epoch),
+            self.batch_size,
+            self.world_size,
+            self.rank,
+            self.grad_accum,
+            self.start_step,
+        )
+        for part in parts:
+            yield [(self.epoch, int(i)) for i in part]
 
 
 class KeyedFaceDataset(FaceDataset):
@@ -172,7 +209,7 @@ class PKBatchSampler(GlobalBatchSampler):
     """The global-batch order of :class:`GlobalBatchSampler` made of PK groups (docs/methods.md §3.10).
 
     Global batch b holds ``batch_size / k x world_size x grad_accum`` identities with ``k`` images each
-    (``mining.PKSampler``: every identity once per epoch, images repeated when an identity has fewer than k),
+    (:func:`pk_groups`: every identity once per epoch, images repeated when an identity has fewer than k),
     laid out so that every micro-batch holds whole groups: each rank's micro-batch is a PK batch of
     ``batch_size / k`` identities and its triplets are mined within it. So 2 processes see exactly what 1
     process sees with 2 accumulated micro-batches, and a run resumes mid-epoch as with the random order.
@@ -200,10 +237,12 @@ class PKBatchSampler(GlobalBatchSampler):
                 f"micro-batch x {world_size} processes x {grad_accum} accumulated), the data has "
                 f"{len(positions)}"
             )
-        self.pk = PKSampler(positions, p=identities, k=k, seed=seed, rank=0, world_size=1)
+        self.positions = {c: np.asarray(v) for c, v in positions.items()}
+        self.identities, self.k = identities, k
         global_batch = batch_size * world_size * grad_accum
-        super().__init__(len(self.pk) * global_batch, batch_size, world_size, rank, grad_accum, seed)
+        super().__init__(
+            len(positions) // identities * global_batch, batch_size, world_size, rank, grad_accum, seed
+        )
 
     def order(self, epoch: int) -> np.ndarray:
-        self.pk.set_epoch(epoch)
-        return np.concatenate(list(self.pk))
+        return np.concatenate(pk_groups(self.positions, self.identities, self.k, self.seed, epoch))

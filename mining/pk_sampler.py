@@ -1,5 +1,11 @@
 """P identities x K images per batch (docs/methods.md §3.10), deterministic per seed and epoch, split
-across ranks."""
+across ranks.
+
+A thin user of the training order in :mod:`data.sampler`: the groups are :func:`data.sampler.pk_groups`
+and the split across ranks is :func:`data.sampler.split_global_batches`, the one every training order
+uses (``data.sampler: pk`` in ``train.py`` builds :class:`data.sampler.PKBatchSampler` on the same two
+functions). This class is the stand-alone batch sampler for loops of one's own.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from core.distributed import get_rank, get_world_size
+from data.sampler import pk_groups, split_global_batches
 
 
 class PKSampler(Sampler[list[int]]):
@@ -52,15 +59,9 @@ class PKSampler(Sampler[list[int]]):
         return batches // self.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        ids = np.array(sorted(self.positions))
-        rng.shuffle(ids)
-        total = len(self) * self.world_size
-        for b in range(self.rank, total, self.world_size):
-            batch: list[int] = []
-            # every rank draws the same stream; the image choice depends on (seed, epoch, batch) only
-            batch_rng = np.random.default_rng([self.seed, self.epoch, b])
-            for c in ids[b * self.p : (b + 1) * self.p]:
-                members = self.positions[int(c)]
-                batch.extend(batch_rng.choice(members, size=self.k, replace=len(members) < self.k).tolist())
-            yield batch
+        groups = pk_groups(self.positions, self.p, self.k, self.seed, self.epoch)
+        # batch b goes to rank b % world_size: global batch s of the split is groups s*W .. s*W + W - 1
+        for batch in split_global_batches(
+            np.concatenate(groups), self.p * self.k, self.world_size, self.rank
+        ):
+            yield batch.tolist()
