@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.labels import check_labels
 from heads.registry import HEADS
 
 EPS = 1e-7  # clamp of the cosine: keeps arccos and its gradient finite at theta = 0 and pi
@@ -58,14 +59,7 @@ def check_inputs(
     if embeddings.ndim != 2 or embeddings.shape[1] != embedding_size:
         shape = tuple(embeddings.shape)
         raise ValueError(f"{owner}: embeddings of shape {shape}, expected (N, {embedding_size})")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"{owner}: labels must be int64 class ids, got {labels.dtype}")
-    if labels.shape != (embeddings.shape[0],):
-        raise ValueError(f"{owner}: {tuple(labels.shape)} labels for {embeddings.shape[0]} embeddings")
-    if labels.numel():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"{owner}: label {low if low < 0 else high} outside [0, {num_classes})")
+    check_labels(owner, labels, num_classes, rows=embeddings.shape[0])
     if finite and not torch.isfinite(embeddings).all():
         raise ValueError(f"{owner}: embeddings contain NaN or inf")
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.labels import check_labels
 from losses.registry import LOSSES
 
 
@@ -20,12 +21,7 @@ def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor, owner: str) -> tor
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         shapes = f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
         raise ValueError(f"{owner}: {shapes} do not match")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"{owner}: labels must be int64 class ids, got {labels.dtype}")
-    if labels.numel():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= logits.shape[1]:
-            raise ValueError(f"{owner}: label {low if low < 0 else high} outside [0, {logits.shape[1]})")
+    check_labels(owner, labels, logits.shape[1])
     logits = logits if logits.dtype == torch.float64 else logits.float()
     return F.cross_entropy(logits, labels, reduction="none")
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.labels import check_labels
 from losses.registry import LOSSES
 
 MINERS = ("batch_hard", "batch_all", "semi_hard")
@@ -95,6 +96,7 @@ class TripletLoss(nn.Module):
         self.last_stats: dict[str, float] = {}
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_labels("triplet", labels, rows=embeddings.shape[0])
         emb = F.normalize(embeddings, dim=1) if self.normalize else embeddings
         loss, self.last_stats = triplet_from_distances(
             pairwise_distances(emb), labels, self.margin, self.mining

@@ -196,3 +196,25 @@ WEIGHTED = [
 def test_gradcheck_cross_entropy_and_focal(name, params):
     loss = build_loss(name, **params)
     assert torch.autograd.gradcheck(lambda x: loss(x, LABELS), (LOGITS.clone().requires_grad_(),))
+
+
+def test_heads_and_losses_refuse_bad_labels_in_the_same_words():
+    from heads import build_head
+
+    emb = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    head = build_head("arcface", embedding_size=4, num_classes=3)
+    takers = {
+        "ArcFace": lambda y: head(emb, y),
+        "cross_entropy": lambda y: build_loss("cross_entropy")(LOGITS, y),
+        "focal": lambda y: build_loss("focal")(LOGITS, y),
+        "triplet": lambda y: build_loss("triplet")(emb, y),
+    }
+    for owner, take in takers.items():
+        wrong_type = rf"^{owner}: labels must be int64 class ids, got torch\.float32$"
+        with pytest.raises(TypeError, match=wrong_type):
+            take(torch.tensor([0.0, 1.0, 1.0, 2.0]))
+        if owner != "triplet":  # a loss on the embeddings has no number of classes
+            with pytest.raises(ValueError, match=rf"^{owner}: label 3 outside \[0, 3\)$"):
+                take(torch.tensor([0, 3, 1, 2]))
+    with pytest.raises(ValueError, match=r"^triplet: \(3,\) labels for 4 embeddings$"):
+        takers["triplet"](torch.tensor([0, 1, 1]))
