@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from core.cli import error_line, main_guard
-from core.embedders import load_embedder
 from core.paths import PROJECT_ROOT
 from data.decode import DecodeError, decode_rgb
+from evaluation.embedders import load_embedder
 from face_alignment import YuNetDetector, align_face, find_model, largest_face
 
 SAMPLES = PROJECT_ROOT / "face_alignment" / "test_images"

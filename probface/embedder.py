@@ -1,8 +1,11 @@
 """ProbFace checkpoints as embedders: uint8 RGB faces -> (unit mu, sigma^2).
 
 A ProbFace run of ``train.py`` writes the usual checkpoint (its ``backbone`` is the frozen recognition
-network, so every evaluator and ``core.embedders.load_embedder`` read mu from it as from any checkpoint)
+network, so every evaluator and ``evaluation.embedders.load_embedder`` read mu from it as from any checkpoint)
 plus ``uncertainty`` (the uncertainty module's state) and ``meta.uncertainty`` (``scalar`` or ``per_dim``).
+The backbone comes out of the checkpoint as every embedder's does
+(``evaluation.embedders.checkpoint_backbone``), and the pixels reach the network as they reach any other
+(``TorchEmbedder.prepare``).
 """
 
 from __future__ import annotations
@@ -13,28 +16,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbones import build_backbone
 from core.checkpoint import CheckpointError, load_checkpoint
-from core.embedders import TorchEmbedder
-from core.extract import extract, extract_dataset
-from data.transforms import normalize_batch
+from evaluation.embedders import TorchEmbedder, checkpoint_backbone
+from evaluation.extract import extract, extract_dataset
 from probface.fusion import fuse
 from probface.model import ProbFaceNet, UncertaintyModule
 
 
-class ProbFaceEmbedder:
+class ProbFaceEmbedder(TorchEmbedder):
     """A :class:`ProbFaceNet` in eval mode; ``color`` is the order its backbone was trained on.
     ``embedder(images)`` -> ``(mu, sigma2)``: unit embeddings (N, D) and variances (N, 1) or (N, D)."""
 
     def __init__(self, net: ProbFaceNet, color: str = "rgb", device: str | torch.device = "cpu") -> None:
-        self.net, self.color, self.device = net.eval().to(device), color, torch.device(device)
-        self.input_size = getattr(net.backbone, "input_size", None)
+        super().__init__(net, color, device, input_size=getattr(net.backbone, "input_size", None))
+        self.net = self.model
         self.embedding_size = int(net.backbone.embedding_size)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize_batch(torch.as_tensor(images).to(self.device), self.color, self.input_size)
-        embedding, log_sigma2 = self.net(x)
+        embedding, log_sigma2 = self.net(self.prepare(images))
         return F.normalize(embedding.float(), dim=1).cpu(), log_sigma2.float().exp().cpu()
 
     def mu_embedder(self) -> TorchEmbedder:
@@ -51,10 +51,7 @@ def load_probface(path: str | os.PathLike[str], device: str | torch.device = "cp
             f"{path}: holds no uncertainty module (train one with model.uncertainty: scalar, e.g. "
             "configs/recipes/probface.yaml)"
         )
-    backbone = build_backbone(
-        meta["arch"], embedding_size=meta["embedding_size"], input_size=meta["input_size"]
-    )
-    backbone.load_state_dict(state["backbone"])
+    backbone, meta = checkpoint_backbone(path, state)
     in_features = state["uncertainty"]["fc1.weight"].shape[1]
     uncertainty = UncertaintyModule(in_features, meta["uncertainty"], meta["embedding_size"])
     uncertainty.load_state_dict(state["uncertainty"])
@@ -62,7 +59,7 @@ def load_probface(path: str | os.PathLike[str], device: str | torch.device = "cp
 
 
 def _joined(embedder: ProbFaceEmbedder):
-    """The embedder as one returning [mu, sigma2] side by side, for ``core.extract``."""
+    """The embedder as one returning [mu, sigma2] side by side, for ``evaluation.extract``."""
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         return torch.cat(embedder(images), dim=1)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from evaluation.verification import l2_normalize
 from losses.probface import mutual_likelihood_score
-from validation_hq.protocol import l2_normalize
 
 
 def fusion_weights(sigma2: np.ndarray, temperature: float = 1.0, axis: int = 0) -> np.ndarray:

@@ -1,8 +1,8 @@
 """ProbFace template fusion on IJB-B / IJB-C: per-image weights for ``validation_ijb.evaluate --weights``.
 
-    python -m probface.ijb --model work_dirs/probface/last.pt --ijb-root IJB_release --dataset ijbc \\
+    python -m probface.ijb --model work_dirs/probface/last.pt --data-root IJB_release --dataset ijbc \\
         --out work_dirs/eval/ijbc_probface_weights.npy [--temperature 1]
-    python -m validation_ijb.evaluate --model work_dirs/probface/last.pt --ijb-root IJB_release \\
+    python -m validation_ijb.evaluate --model work_dirs/probface/last.pt --data-root IJB_release \\
         --dataset ijbc --modes N0D0F1 N1D0F1 --weights work_dirs/eval/ijbc_probface_weights.npy
 
 Every face of ``face_tid_mid`` is aligned as the evaluator aligns it and gets its sigma^2 (the image and its
@@ -24,6 +24,7 @@ import numpy as np
 
 from core.checkpoint import CheckpointError
 from core.fileio import atomic_write
+from evaluation.options import add_batch_arguments, add_data_root_argument
 from probface.embedder import ProbFaceEmbedder, extract_uncertain_dataset, load_probface
 from probface.fusion import image_weights, scalar_sigma2
 from validation_ijb.dataset import AlignedFaces
@@ -38,22 +39,27 @@ def ijb_sigma2(
     return extract_uncertain_dataset(embedder, faces, batch_size, True, workers, f"{meta.dataset} sigma^2")[1]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, required=True, help="ProbFace checkpoint (train.py)")
-    parser.add_argument("--ijb-root", type=Path, required=True, help="IJB_release folder (with IJBB/, IJBC/)")
-    parser.add_argument("--dataset", choices=list(DATASETS), default="ijbc")
+    add_data_root_argument(parser, "--ijb-root", "--image-path",
+                           help="IJB_release folder (with IJBB/, IJBC/), or its IJBB/ or IJBC/")  # fmt: skip
+    parser.add_argument("--dataset", "--dataset_name", type=str.lower, choices=list(DATASETS), default="ijbc",
+                        help="ijbc or ijbb (AdaFace's IJBC, IJBB too)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="weights .npy to write")
     parser.add_argument("--temperature", type=float, default=1.0, help="T of (1/sigma^2)^(1/T)")
     parser.add_argument("--sigma2", type=Path, help="also write the per-image sigma^2 (.npy) here")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=4, help="loader processes decoding and aligning")
+    add_batch_arguments(parser, 128, 4, "loader processes decoding and aligning")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        meta = load_ijb(args.ijb_root, args.dataset, ("1:1",))
+        meta = load_ijb(args.data_root, args.dataset, ("1:1",))
         sigma2 = ijb_sigma2(load_probface(args.model, args.device), meta, args.batch_size, args.workers)
         weights = image_weights(sigma2, args.temperature)
     except (OSError, CheckpointError, ValueError) as err:

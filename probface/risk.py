@@ -15,7 +15,7 @@ likelihood score (MLS) is recomputed on the kept pairs, in 10 contiguous folds. 
 * ``probface`` (default, ProbFace's evaluation): the candidates are the scores of the genuine pairs of the 9
   training folds, a pair is "same" when its score is >= the threshold, and the threshold is the mean of the
   candidates that reach the best training accuracy;
-* ``bin``: cosine by ``validation_hq.protocol.evaluate_pairs`` (the .bin protocol: squared distance of the
+* ``bin``: cosine by ``evaluation.verification.evaluate_pairs`` (the .bin protocol: squared distance of the
   unit mu, thresholds 0:0.01:4, the first best), MLS by the accuracy-maximising midpoint between
   consecutive training scores (the first on ties).
 
@@ -36,9 +36,10 @@ import numpy as np
 from core.checkpoint import CheckpointError
 from core.fileio import atomic_write
 from data.verification import VerificationFileError, load_bin
+from evaluation.options import add_batch_arguments, run_settings
+from evaluation.verification import accuracy_curve, contiguous_folds, evaluate_pairs
 from probface.embedder import extract_uncertain, load_probface
 from probface.fusion import cosine_scores, mls_scores, scalar_sigma2
-from validation_hq.protocol import _accuracy_curve, _folds, evaluate_pairs
 
 RISKS = (0.0, 0.1, 0.2, 0.3)
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 100)
@@ -81,7 +82,7 @@ def similarity_accuracy(
         raise ValueError(f"similarity threshold rule must be 'probface' or 'midpoint', got {rule!r}")
     scores = np.asarray(scores, dtype=np.float64)
     accuracies = []
-    for test in _folds(len(issame), nfolds):
+    for test in contiguous_folds(len(issame), nfolds):
         train = np.setdiff1d(np.arange(len(issame)), test)
         if rule == "probface":
             best = probface_threshold(scores[train], issame[train])
@@ -90,7 +91,7 @@ def similarity_accuracy(
         dist = -scores  # "same" when below the threshold, as in the .bin protocol
         values = np.unique(dist[train])
         candidates = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0]])
-        best = candidates[int(np.argmax(_accuracy_curve(dist[train], issame[train], candidates)))]
+        best = candidates[int(np.argmax(accuracy_curve(dist[train], issame[train], candidates)))]
         accuracies.append(float(np.mean((dist[test] < best) == issame[test])))
     return float(np.mean(accuracies)), float(np.std(accuracies))
 
@@ -148,12 +149,14 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, required=True, help="ProbFace checkpoint (train.py)")
-    parser.add_argument("--bin", nargs="+", type=Path, required=True, help="verification .bin files")
+    parser.add_argument(
+        "--bin", "--bins", nargs="+", type=Path, required=True, help="verification .bin files"
+    )
     parser.add_argument("--risks", nargs="+", type=float, default=list(RISKS), help="risk factors r")
     parser.add_argument("--pair-uncertainty", choices=["max", "sum"], default="max")
     parser.add_argument(
@@ -166,10 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--thresholds", choices=THRESHOLD_RULES, default="probface", help="how a fold's threshold is chosen"
     )
     parser.add_argument("--pairs", type=int, default=0, help="use the first N pairs of each set (0: all)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_batch_arguments(parser, 128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     results: dict[str, Any] = {}
     try:
         embedder = load_probface(args.model, args.device)
@@ -188,9 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, VerificationFileError, ValueError) as err:
         print(f"probface.risk: {err}", file=sys.stderr)
         return 2
-    results["settings"] = {"model": str(args.model), "pair_uncertainty": args.pair_uncertainty,
-                           "flip": args.flip, "thresholds": args.thresholds, "risks": args.risks,
-                           "pairs": args.pairs or "all"}  # fmt: skip
+    results["settings"] = run_settings(
+        args, embedder, pair_uncertainty=args.pair_uncertainty, flip=args.flip, thresholds=args.thresholds,
+        risks=args.risks, pairs=args.pairs or "all",
+    )  # fmt: skip
     if args.json:
         with atomic_write(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=2)

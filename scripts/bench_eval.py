@@ -8,9 +8,9 @@
 For each device (CPU, and CUDA when present) and precision it prints:
 
 * ``.bin`` decoding: seconds and images/s of ``data.verification.load_bin`` with 0, 2, 4 ... threads;
-* the extractor (``core.extract.extract`` on decoded images held in memory): images/s with and without
+* the extractor (``evaluation.extract.extract`` on decoded images held in memory): images/s with and without
   the flipped copies, per batch size (an image with its flip costs two forward passes);
-* the multi-worker loader (``core.extract.extract_dataset`` over the encoded images, decoded in loader
+* the multi-worker loader (``evaluation.extract.extract_dataset`` over the encoded images, decoded in loader
   processes): images/s per number of workers, flips included;
 * the whole evaluation as ``validation_hq`` runs it: load + decode, extract (with flips), score (10-fold
   accuracy, VAL@FAR), in seconds, with the accuracy;
@@ -37,14 +37,14 @@ import numpy as np
 import torch
 
 from backbones import build_backbone
-from core.embedders import TorchEmbedder, load_embedder
-from core.extract import extract, extract_dataset
 from core.fileio import atomic_write
 from core.paths import shared_data_dir
 from data.decode import decode_rgb
 from data.transforms import normalize_batch
 from data.verification import load_bin, read_bin_raw, write_bin
-from validation_hq.evaluate import score
+from evaluation.embedders import TorchEmbedder, load_embedder
+from evaluation.extract import extract, extract_dataset
+from evaluation.verification import verification_results
 
 
 class EncodedImages(torch.utils.data.Dataset):
@@ -145,7 +145,7 @@ def bench_whole(embed, path: Path, batch: int, workers: int, device: torch.devic
     """validation_hq's evaluation of one .bin, step by step."""
     load_s, val = timed(lambda: load_bin(path, workers=workers), device)
     extract_s, (original, flipped) = timed(lambda: extract(embed, val.images, batch, flip=True), device)
-    score_s, metrics = timed(lambda: score(original, flipped, val.issame), device)
+    score_s, metrics = timed(lambda: verification_results(original, flipped, val.issame), device)
     return {"pairs": val.pairs, "load_decode_s": load_s, "extract_s": extract_s, "score_s": score_s,
             "total_s": load_s + extract_s + score_s, "accuracy": metrics["accuracy"],
             "accuracy_std": metrics["accuracy_std"]}  # fmt: skip

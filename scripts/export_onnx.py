@@ -32,9 +32,9 @@ from torch import nn
 
 from core.checkpoint import NORMALIZATION
 from core.cli import check_writable, error_line, main_guard
-from core.embedders import OnnxEmbedder, TorchEmbedder, load_embedder
 from core.fileio import atomic_write
 from core.paths import shared_data_dir
+from evaluation.embedders import OnnxEmbedder, TorchEmbedder, load_embedder
 from inference import read_aligned
 
 

@@ -22,7 +22,7 @@ from backbones.pooling import GeM, GlobalAvgPool, global_pool
 from backbones.resface import ResFace
 from backbones.seresnext import SEResNeXt, from_timm
 from core.config import load_config
-from core.embedders import TorchEmbedder
+from evaluation.embedders import TorchEmbedder
 from scripts import export_onnx
 from tests.conftest import assert_close_scaled
 from tests.synthetic_faces import write_identity_folder

@@ -11,12 +11,12 @@ import torch
 from test_validation_tinyface import one_torch_thread  # noqa: F401 (fixture: small tensors, shared cores)
 
 from backbones import build_backbone
-from core.embedders import TorchEmbedder, load_embedder
-from core.extract import extract
 from data.decode import DecodeError, encode_jpeg
 from data.verification import VerificationFileError, load_bin, read_bin_raw, write_bin
+from evaluation.embedders import TorchEmbedder, load_embedder
+from evaluation.extract import extract
+from evaluation.verification import evaluate_pairs, fuse_flip
 from scripts import bench_eval
-from validation_hq.protocol import evaluate_pairs, fuse_flip
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from torch import nn
 from backbones import build_backbone
 from backbones.converters import ConversionError, convert, from_adaface
 from core.checkpoint import load_checkpoint
-from core.embedders import load_embedder
+from evaluation.embedders import load_embedder
 
 
 class AdaFaceBlock(nn.Module):

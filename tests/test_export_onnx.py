@@ -8,8 +8,8 @@ import torch
 
 from backbones import build_backbone
 from core.checkpoint import NORMALIZATION, save_checkpoint
-from core.embedders import OnnxEmbedder, load_embedder
 from data.transforms import normalize_batch
+from evaluation.embedders import OnnxEmbedder, load_embedder
 from scripts import export_onnx
 from tests.conftest import assert_close_scaled
 

@@ -140,7 +140,7 @@ def test_a_large_photo_is_detected_and_aligned_like_the_original(detector, share
     # the sample photos (150 px) upscaled to 2000 px: YuNet on the full photo finds no face in two of
     # them; on a downscaled copy it finds each, and the landmarks, in the photo's pixels, are those of
     # the original size within the detector's own scale jitter (a few % of the eye distance)
-    from core.embedders import load_embedder
+    from evaluation.embedders import load_embedder
 
     embed = load_embedder(shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx", color="bgr")
 

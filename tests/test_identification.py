@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
-from core.identification import closed_set_ranks, cmc, roc_curve, tar_at_far
+from evaluation.identification import closed_set_ranks, cmc
+from evaluation.verification import roc_curve, tar_at_far
 
 
 @pytest.mark.parametrize("drop", [True, False])

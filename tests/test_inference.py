@@ -10,8 +10,8 @@ import torch
 
 import inference
 from backbones import build_backbone
-from core.embedders import load_embedder
 from data.decode import encode_jpeg
+from evaluation.embedders import load_embedder
 from face_alignment import YuNetDetector, align_face
 
 

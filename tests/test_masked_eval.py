@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import confusion_matrix
 
 from data.verification import read_bin_raw, write_bin
+from evaluation.verification import evaluate_pairs
 from validation_hq import masked
-from validation_hq.protocol import evaluate_pairs
 
 
 def crossing_by_hand(same: np.ndarray, diff: np.ndarray, bins: int = 100) -> float:

@@ -15,14 +15,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from core.embedders import (
-    OnnxEmbedder,
-    add_embedder_arguments,
-    embedder_from_args,
-    embedder_key,
-    load_embedder,
-    run_settings,
-)
+from evaluation.embedders import OnnxEmbedder, embedder_key, load_embedder
+from evaluation.options import add_embedder_arguments, embedder_from_args, run_settings
 from scripts.export_onnx import real_faces
 
 FOLDED_NOTE = "none: RGB pixels 0..255 (folded into the graph)"  # what scripts/export_onnx.py writes

@@ -18,10 +18,10 @@ import train
 from backbones import build_backbone
 from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from core.config import ConfigError, load_config
-from core.embedders import load_embedder
 from data.decode import decode_rgb
 from data.transforms import normalize_batch
 from data.verification import load_bin
+from evaluation.embedders import load_embedder
 from losses.probface import attention_distance
 from mining import PKSampler
 from probface import fusion, plot, risk

@@ -21,14 +21,14 @@ import train
 from backbones import build_backbone
 from core.checkpoint import load_checkpoint, nonfinite_entry
 from core.config import load_config
-from core.embedders import TorchEmbedder, load_embedder
-from core.extract import extract
 from data.sampler import GlobalBatchSampler
 from data.transforms import normalize_batch
 from data.verification import load_bin
+from evaluation.embedders import TorchEmbedder, load_embedder
+from evaluation.extract import extract
+from evaluation.verification import evaluate_pairs, fuse_flip
 from mining import DifficultyScores
 from tests.synthetic_faces import write_identity_folder, write_pairs_bin
-from validation_hq.protocol import evaluate_pairs, fuse_flip
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "cpu_tiny.yaml")

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.embedders import load_embedder
 from data.verification import read_bin_raw, write_bin
+from evaluation.embedders import load_embedder
+from evaluation.verification import evaluate_pairs, fuse_flip
 from validation_hq import evaluate
-from validation_hq.protocol import evaluate_pairs, fuse_flip
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_command_prints_table_and_writes_json(embed, small_bin, shared_data, tmp
     saved = json.loads(out.read_text())
     assert saved["settings"]["color"] == "bgr" and saved["lfw"]["pairs"] == 60
     # the same numbers as the protocol on features extracted by hand
-    from core.extract import extract
     from data.verification import load_bin
+    from evaluation.extract import extract
 
     val = load_bin(small_bin)
     original, flipped = extract(embed, val.images, 32)

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 
 from data.verification import load_bin
-from validation_hq.protocol import _folds, evaluate_pairs, fuse_flip, l2_normalize
+from evaluation.verification import contiguous_folds, evaluate_pairs, fuse_flip, l2_normalize
 
 
 def pair_features(dist: np.ndarray) -> np.ndarray:
@@ -38,9 +38,9 @@ def brute_force(dist: np.ndarray, same: np.ndarray, nfolds: int = 10) -> tuple[f
 
 
 def test_folds_are_contiguous_like_kfold():
-    folds = _folds(6000, 10)
+    folds = contiguous_folds(6000, 10)
     assert [len(f) for f in folds] == [600] * 10 and folds[3][0] == 1800
-    uneven = _folds(103, 10)
+    uneven = contiguous_folds(103, 10)
     assert [len(f) for f in uneven] == [11, 11, 11] + [10] * 7
     assert np.array_equal(np.concatenate(uneven), np.arange(103))
 

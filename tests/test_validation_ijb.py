@@ -20,7 +20,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
-from core.identification import open_set_tpir_at_fpir, tpir_at_fpir
+from evaluation.identification import open_set_tpir_at_fpir, tpir_at_fpir
 from face_alignment import align_face
 from validation_ijb import evaluate, lfw_ijb
 from validation_ijb.dataset import AlignedFaces
@@ -65,7 +65,7 @@ def direct_rank(probe, pid, gallery, gids):
     return 1 + int((scores[gids != pid] > mate).sum()), mate
 
 
-# ---------------------------------------------------------------------------- core.identification
+# ---------------------------------------------------------------------- evaluation.identification
 
 
 def test_tpir_at_fpir_equals_brute_force_in_any_chunking():

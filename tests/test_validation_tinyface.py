@@ -291,7 +291,7 @@ def test_cli_reports_errors(data_root, shared_data, tmp_path, capsys):
 
 def test_pixels_match_cv2_for_the_real_crops(data_root):
     """The evaluator's decoder gives the pixels of cv2.imread, so a model sees what the reference sees."""
-    from core.extract import ImageFiles
+    from evaluation.extract import ImageFiles
 
     files = read_tinyface(find_testing_set(data_root)).files[:6]
     loaded = ImageFiles(files)

@@ -1,7 +1,7 @@
 """Evaluate a model on verification ``.bin`` sets with the 10-fold protocol (docs/methods.md §5.2).
 
     python -m validation_hq.evaluate --model CKPT_OR_ONNX --bins lfw.bin cfp_fp.bin [--json out.json]
-    python -m validation_hq.evaluate --model model.pt --backbone r100 --bin-dir /data/faces_emore \
+    python -m validation_hq.evaluate --model model.pt --backbone r100 --data-root /data/faces_emore \
         --precision bf16 --workers 8
 
 Prints one row per set (accuracy and its std over the 10 folds, VAL at FAR=1e-3, mean feature norm) and
@@ -20,31 +20,24 @@ from typing import Any
 import numpy as np
 
 from core.cli import check_writable, error_line, main_guard
-from core.embedders import add_embedder_arguments, embedder_from_args, embedder_key
-from core.extract import extract
 from core.fileio import atomic_write
 from data.verification import VerificationFileError, load_bin
-from validation_hq.protocol import FUSIONS, evaluate_pairs, fuse_flip
+from evaluation.cache import FeatureCache
+from evaluation.embedders import embedder_key
+from evaluation.extract import extract
+from evaluation.options import (
+    add_batch_arguments,
+    add_cache_argument,
+    add_data_root_argument,
+    add_embedder_arguments,
+    add_fusion_argument,
+    embedder_from_args,
+    run_settings,
+    settings_line,
+)
+from evaluation.verification import verification_results
 
 SETS = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
-
-
-def cached_features(
-    embed, val, batch_size: int, cache: Path | None, key: str
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Features of a set and of its flips, read from ``cache/<set>__<key>.npz`` when an earlier run wrote
-    them for the same model file (so re-scoring, e.g. with another fusion, needs no model)."""
-    path = cache / f"{val.name}__{key}.npz" if cache else None
-    if path is not None and path.is_file():
-        with np.load(path) as saved:
-            if saved["original"].shape[0] == len(val.images):
-                return saved["original"], saved["flipped"]
-    original, flipped = extract(embed, val.images, batch_size, flip=True)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "wb") as fh:
-            np.savez(fh, original=original, flipped=flipped)
-    return original, flipped
 
 
 def evaluate_bins(
@@ -52,28 +45,24 @@ def evaluate_bins(
     key: str = "", workers: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Protocol results per set (and their mean accuracy) for an embedder of uint8 RGB batches; with
-    ``cache``, features are stored and reused under ``key`` (which must name the model). ``workers``
-    threads decode each ``.bin``."""
+    ``cache``, the features of each set and of its flips are stored as ``cache/<set>__<key>.npz`` and
+    reused (``key`` must name the model; a re-scoring, e.g. with another fusion, needs no model).
+    ``workers`` threads decode each ``.bin``."""
+    store = FeatureCache(cache)
     results: dict[str, Any] = {}
     for path in bins:
         val = load_bin(path, workers=workers)
-        original, flipped = cached_features(embed, val, batch_size, cache, key)
-        results[val.name] = score(original, flipped, val.issame, fusion)
+        original, flipped = store.features(
+            f"{val.name}__{key}", lambda val=val: extract(embed, val.images, batch_size, flip=True),
+            rows=len(val.images), source=f"{val.name} ({path})",
+        )  # fmt: skip
+        results[val.name] = verification_results(original, flipped, val.issame, fusion)
     results["mean_accuracy"] = float(np.mean([r["accuracy"] for r in results.values()]))
     return results
 
 
-def score(original: np.ndarray, flipped: np.ndarray | None, issame: np.ndarray, fusion: str = "sum") -> dict:
-    """The reported numbers of one set from its features (training-time validation uses the same)."""
-    metrics = evaluate_pairs(fuse_flip(original, flipped, fusion), issame)
-    return {
-        "pairs": len(issame),
-        "accuracy": metrics["accuracy"],
-        "accuracy_std": metrics["accuracy_std"],
-        "val_at_far_1e-3": metrics["val"],
-        "far": metrics["far"],
-        "feature_norm": float(np.linalg.norm(original, axis=1).mean()),
-    }
+# The reported numbers of one set from its features; train.py's validation imports this name.
+score = verification_results
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -93,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_embedder_arguments(parser)
-    parser.add_argument("--bins", nargs="*", type=Path, default=[], help=".bin files")
-    parser.add_argument("--bin-dir", type=Path, help=f"folder holding any of {', '.join(SETS)} (.bin)")
-    parser.add_argument("--fusion", choices=FUSIONS, default="sum", help="flip fusion (none: no flip)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=4, help="threads decoding each .bin (default 4)")
+    parser.add_argument("--bins", "--bin", nargs="*", type=Path, default=[], help=".bin files")
+    add_data_root_argument(parser, "--bin-dir", required=False,
+                           help=f"folder holding any of {', '.join(SETS)} (.bin)")  # fmt: skip
+    add_fusion_argument(parser)
+    add_batch_arguments(parser, 128, 4, "threads decoding each .bin")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--cache", type=Path, help="folder for features (.npz), reused by later runs")
+    add_cache_argument(parser, help="folder for features (.npz), reused by later runs")
     return parser
 
 
@@ -107,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bins = list(args.bins)
-    if args.bin_dir:
-        bins += [args.bin_dir / f"{s}.bin" for s in SETS if (args.bin_dir / f"{s}.bin").is_file()]
+    if args.data_root:
+        bins += [args.data_root / f"{s}.bin" for s in SETS if (args.data_root / f"{s}.bin").is_file()]
     if not bins:
-        print("evaluate: no .bin given (--bins, or --bin-dir with lfw.bin, cfp_fp.bin, ...)", file=sys.stderr)
+        print(
+            "evaluate: no .bin given (--bins, or --data-root with lfw.bin, cfp_fp.bin, ...)", file=sys.stderr
+        )
         return 2
     if args.json:
         check_writable(args.json)  # before the features are extracted, not after
@@ -121,13 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, VerificationFileError) as err:
         print(f"evaluate: {error_line(err)}", file=sys.stderr)
         return 2
-    results["settings"] = {"model": str(args.model), "color": embed.color, "fusion": args.fusion,
-                           "batch_size": args.batch_size, "normalization": embed.normalization,
-                           "precision": embed.precision}  # fmt: skip
-    print(
-        f"model {args.model}: {embed.color.upper()} input, flip fusion {args.fusion}, batch {args.batch_size}"
-        f", {embed.precision}"
-    )
+    results["settings"] = run_settings(args, embed)
+    print(settings_line(results["settings"]))
     print(format_table(results))
     if args.json:
         with atomic_write(args.json, "w", encoding="utf-8") as fh:

@@ -7,7 +7,7 @@ Each pair is compared as the masked-face FYP compares it: Euclidean distance bet
 100-bin histograms of same-person and different-person distances cross, by the FYP's rule or, with
 ``--crossing least``, at the bin where they differ least (:func:`crossing_threshold`); a pair is
 called "same" when its distance is at most the threshold. The report gives that accuracy with its
-confusion matrix (TP, FP, TN, FN), beside the 10-fold accuracy of ``validation_hq.protocol``
+confusion matrix (TP, FP, TN, FN), beside the 10-fold accuracy of ``evaluation.verification``
 on the same features. The crossing threshold is fitted on the pairs it scores (the FYP fitted it on a
 separate evaluation split), so its accuracy is an in-sample figure; the 10-fold one is not.
 
@@ -28,13 +28,19 @@ from typing import Any
 
 import numpy as np
 
-from core.embedders import load_embedder
-from core.extract import extract
 from core.fileio import atomic_write
 from data import masks
 from data.decode import DecodeError
 from data.verification import VerificationFileError, load_bin
-from validation_hq.protocol import FUSIONS, evaluate_pairs, fuse_flip
+from evaluation.extract import extract
+from evaluation.options import (
+    add_batch_arguments,
+    add_embedder_arguments,
+    add_fusion_argument,
+    embedder_from_args,
+    run_settings,
+)
+from evaluation.verification import evaluate_pairs, fuse_flip
 
 MASK_MODES = ("none", "one", "both")
 BINS = 100
@@ -258,12 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=Path, required=True, help="checkpoint, insightface model.pt or .onnx")
-    parser.add_argument("--backbone", help="architecture of a plain state dict")
-    parser.add_argument(
-        "--color", choices=["rgb", "bgr"], help="colour order of the model (default: its own)"
-    )
-    parser.add_argument("--bin", type=Path, required=True, help="verification .bin")
+    add_embedder_arguments(parser)
+    parser.add_argument("--bin", "--bins", type=Path, required=True, help="verification .bin")
     parser.add_argument("--mask", nargs="+", choices=MASK_MODES, default=["none"], help="faces to mask")
     parser.add_argument(
         "--types", nargs="+", choices=masks.MASK_TYPES, help="mask types (default: synthetic ones)"
@@ -271,13 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overlays", type=Path, help="folder of mask_<colour>.jpg pictures (type overlay)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--pairs", type=int, help="only N pairs, evenly spaced over the set")
-    parser.add_argument("--fusion", choices=FUSIONS, default="sum", help="flip fusion (none: no flip)")
+    add_fusion_argument(parser)
     parser.add_argument(
         "--crossing", choices=CROSSING_RULES, default="first",
         help="threshold rule: first (the FYP's: centre of the bin before the first where different pairs "
         "are at least as many) or least (centre of the bin where the counts differ least)",
     )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_batch_arguments(parser, 128)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write the distance histograms here (.png, .pdf)")
     args = parser.parse_args(argv)
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairs_used = "all"
         if args.pairs is not None:
             images, issame, pairs_used = spread_pairs(images, issame, args.pairs)
-        embed = load_embedder(args.model, backbone=args.backbone, color=args.color)
+        embed = embedder_from_args(args)
         results = evaluate_masked(embed, images, issame, args.mask, args.seed, types, overlays, args.fusion,
                                   args.batch_size, args.crossing)  # fmt: skip
     except (FileNotFoundError, ValueError, VerificationFileError, DecodeError) as err:
@@ -310,10 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "set": val.name,
             "bin": str(args.bin),
             "results": {m: {k: v for k, v in r.items() if k != "distances"} for m, r in results.items()},
-            "settings": {"model": str(args.model), "color": embed.color, "fusion": args.fusion,
-                         "types": list(types), "seed": args.seed, "bins": BINS, "crossing": args.crossing,
-                         "pairs_used": pairs_used,
-                         "distance": "euclidean, unit features"},
+            "settings": run_settings(args, embed, types=list(types), seed=args.seed, bins=BINS,
+                                     crossing=args.crossing, pairs_used=pairs_used,
+                                     distance="euclidean, unit features"),
         }  # fmt: skip
         with atomic_write(args.json, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)

@@ -1,4 +1,4 @@
-"""The IJB face images as a dataset of aligned crops for ``core.extract.extract_dataset``."""
+"""The IJB face images as a dataset of aligned crops for ``evaluation.extract.extract_dataset``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from core.extract import ImageFiles
+from evaluation.extract import ImageFiles
 from face_alignment import align_face
 
 
@@ -16,8 +16,8 @@ class AlignedFaces(ImageFiles):
     """Item ``i``: the photo ``paths[i]`` aligned by its five ``landmarks[i]`` (pixels of the photo, in
     the ArcFace template's order) to the ``size`` x ``size`` ArcFace template, as uint8 RGB (3, size, size).
 
-    The photo is read as :class:`core.extract.ImageFiles` reads it (a missing, corrupt or truncated file is
-    an error naming it; grey photos get three equal channels) and warped by
+    The photo is read as :class:`evaluation.extract.ImageFiles` reads it (a missing, corrupt or truncated
+    file is an error naming it; grey photos get three equal channels) and warped by
     :func:`face_alignment.align_face` (least-squares similarity, bilinear, black outside the photo), as
     insightface's IJB evaluation does. Decoding and alignment run in the loader's worker processes.
     """

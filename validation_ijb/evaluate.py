@@ -1,10 +1,10 @@
 r"""Evaluate a model on IJB-B / IJB-C (insightface ``IJB_release`` layout): 1:1 verification (TAR at FAR
 1e-6 ... 1e-1) and 1:N identification (rank-1/5/10, TPIR at FPIR 0.01 / 0.1), docs/methods.md §5.3.
 
-    python -m validation_ijb.evaluate --model CKPT_OR_ONNX --ijb-root /data/IJB_release --dataset ijbc
-    python -m validation_ijb.evaluate --model model.pt --backbone r100 --ijb-root IJB_release \
+    python -m validation_ijb.evaluate --model CKPT_OR_ONNX --data-root /data/IJB_release --dataset ijbc
+    python -m validation_ijb.evaluate --model model.pt --backbone r100 --data-root IJB_release \
         --dataset ijbb --norm-score 0 1 --detector-score 0 1 --cache work_dirs/eval/cache
-    python -m validation_ijb.evaluate --model work_dirs/eval/cache/ijbc__MODEL.npz --ijb-root IJB_release \
+    python -m validation_ijb.evaluate --model work_dirs/eval/cache/ijbc__MODEL.npz --data-root IJB_release \
         --dataset ijbc --modes N1D0F1 N0D1F1          # re-score saved features, no model needed
 
 Each face is aligned from its 5 landmarks to the 112x112 ArcFace template (black border) in ``--workers``
@@ -32,10 +32,19 @@ import numpy as np
 import torch
 
 from core.cli import check_writable, error_line, main_guard
-from core.embedders import add_embedder_arguments, embedder_from_args, embedder_key
-from core.extract import extract_dataset
 from core.fileio import atomic_write
-from core.identification import FARS
+from evaluation.cache import FeatureCache, read_features, write_features
+from evaluation.embedders import embedder_key
+from evaluation.extract import extract_dataset
+from evaluation.options import (
+    add_batch_arguments,
+    add_cache_argument,
+    add_data_root_argument,
+    add_embedder_arguments,
+    embedder_from_args,
+    run_settings,
+)
+from evaluation.verification import FARS
 from validation_ijb.dataset import AlignedFaces
 from validation_ijb.meta import DATASETS, PROTOCOLS, IJBMeta, load_ijb
 from validation_ijb.protocol import (
@@ -67,34 +76,26 @@ def extract_features(
     return original, flipped
 
 
+def _recorded(meta: IJBMeta) -> dict[str, np.ndarray]:
+    """What a features file records of the images it was computed from: their names and landmarks."""
+    return {"names": meta.names, "landmarks": meta.landmarks}
+
+
 def save_features(path: Path, meta: IJBMeta, original: np.ndarray, flipped: np.ndarray) -> None:
     """Write the features with the image names and landmarks they were computed from (atomically)."""
-    with atomic_write(path, "wb") as fh:
-        np.savez(fh, dataset=meta.dataset, names=meta.names, landmarks=meta.landmarks,
-                 original=original, flipped=flipped)  # fmt: skip
+    write_features(path, original, flipped, _recorded(meta), notes={"dataset": meta.dataset})
 
 
 def load_features(path: Path, meta: IJBMeta) -> tuple[np.ndarray, np.ndarray]:
     """Features saved by :func:`save_features`; an error if they were computed for other images or
     landmarks than ``meta``'s."""
-    try:
-        saved = np.load(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a features file of this evaluator: {err}") from None
-    with saved:
-        missing = {"names", "landmarks", "original", "flipped"} - set(saved.files)
-        if missing:
-            lacking = ", ".join(sorted(missing))
-            raise ValueError(f"{path}: not a features file of this evaluator (no {lacking})")
-        names, landmarks = saved["names"], saved["landmarks"]
-        if len(names) != len(meta.names) or not np.array_equal(names, meta.names):
-            raise ValueError(
-                f"{path}: features of {len(names)} other images than the {len(meta.names)} of "
-                f"{meta.dataset} in {meta.folder}"
-            )
-        if not np.array_equal(landmarks, meta.landmarks):
-            raise ValueError(f"{path}: features computed from other landmarks than {meta.folder}/meta's")
-        return saved["original"], saved["flipped"]
+    original, flipped = read_features(path, len(meta.names), True, _recorded(meta), _source(meta))
+    assert flipped is not None
+    return original, flipped
+
+
+def _source(meta: IJBMeta) -> str:
+    return f"{meta.dataset} in {meta.folder}"
 
 
 def cached_features(
@@ -102,16 +103,14 @@ def cached_features(
 ) -> tuple[np.ndarray, np.ndarray, Path | None]:
     """(original, flipped, cache file or None): read from ``cache/<dataset>__<key>.npz`` when an earlier
     run saved them for the same images and landmarks, else extracted (and saved there with ``cache``)."""
-    path = cache / f"{meta.dataset}__{key}.npz" if cache else None
-    if path is not None and path.is_file():
-        try:
-            return (*load_features(path, meta), path)
-        except ValueError as err:
-            print(f"evaluate: {err}; extracting afresh", file=sys.stderr)
-    original, flipped = extract_features(embed, meta, batch_size, workers)
-    if path is not None:
-        save_features(path, meta, original, flipped)
-    return original, flipped, path
+    store = FeatureCache(cache)
+    stem = f"{meta.dataset}__{key}"
+    original, flipped = store.features(
+        stem, lambda: extract_features(embed, meta, batch_size, workers), rows=len(meta.names),
+        recorded=_recorded(meta), notes={"dataset": meta.dataset}, source=_source(meta),
+    )  # fmt: skip
+    assert flipped is not None
+    return original, flipped, store.path(stem)
 
 
 # -------------------------------------------------------------------------------------------- scoring
@@ -272,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_embedder_arguments(parser)
-    parser.add_argument("--ijb-root", type=Path, required=True, help="IJB_release folder (with IJBB/, IJBC/)")
-    parser.add_argument("--dataset", choices=list(DATASETS), default="ijbc")
+    add_data_root_argument(parser, "--ijb-root", "--image-path",
+                           help="IJB_release folder (with IJBB/, IJBC/), or its IJBB/ or IJBC/")  # fmt: skip
+    parser.add_argument("--dataset", "--dataset_name", type=str.lower, choices=list(DATASETS), default="ijbc",
+                        help="ijbc or ijbb (AdaFace's IJBC, IJBB too)")  # fmt: skip
     switch = {"nargs": "+", "type": int, "choices": (0, 1), "default": [1]}
     parser.add_argument("--norm-score", **switch, help="N: 1 keeps the feature norm, 0 normalises")
     parser.add_argument("--detector-score", **switch, help="D: 1 weights by the faceness score")
@@ -282,10 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS,
                         help="default: each one whose meta files are present")  # fmt: skip
     parser.add_argument("--weights", type=Path, help="per-image pooling weights (.npy, rows of face_tid_mid)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=4, help="loader processes decoding and aligning")
-    parser.add_argument("--out", type=Path, help="folder for the table (.txt), results (.json), ROC (.png)")
-    parser.add_argument("--cache", type=Path, help="folder for the per-image features (.npz), reused later")
+    add_batch_arguments(parser, 128, 4, "loader processes decoding and aligning")
+    parser.add_argument("--out", "--result-dir", type=Path,
+                        help="folder for the table (.txt), results (.json), ROC (.png)")  # fmt: skip
+    add_cache_argument(parser, help="folder for the per-image features (.npz), reused later")
     return parser
 
 
@@ -296,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_writable(args.out / f"{args.dataset}_{args.model.stem}.json")  # before the features, not after
     try:
         modes = parse_modes(args)
-        meta = load_ijb(args.ijb_root, args.dataset, tuple(args.protocols) if args.protocols else None)
+        meta = load_ijb(args.data_root, args.dataset, tuple(args.protocols) if args.protocols else None)
         for protocol, path in meta.skipped.items():
             print(f"evaluate: skipping {protocol}: {path} not found", file=sys.stderr)
         weights = np.load(args.weights) if args.weights else None
@@ -316,15 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # missing/unreadable files, bad meta lines, corrupt images
         print(f"evaluate: {error_line(err)}", file=sys.stderr)
         return 2
-    results["settings"] = {
-        "model": str(args.model), "features": str(cache_file) if cache_file else None,
-        "alignment": ALIGNMENT, "normalization": None, "batch_size": args.batch_size,
-        "workers": args.workers, "weights": str(args.weights) if args.weights else None,
-        "feature_seconds": round(seconds, 3),
-    }  # fmt: skip
-    if args.model.suffix != ".npz":
-        results["settings"] |= {"color": embed.color, "precision": embed.precision,
-                                "normalization": embed.normalization}  # fmt: skip
+    results["settings"] = run_settings(
+        args, None if args.model.suffix == ".npz" else embed,
+        features=str(cache_file) if cache_file else None, alignment=ALIGNMENT,
+        weights=str(args.weights) if args.weights else None, feature_seconds=round(seconds, 3),
+    )  # fmt: skip
     table = format_table(results)
     print(f"{DATASETS[args.dataset][0]}: {about}, {len(meta.names)} images in {seconds:.1f} s; {ALIGNMENT}")
     print(table)

@@ -2,7 +2,7 @@
 (licensed) IJB data, and to time decoding + alignment.
 
     python -m validation_ijb.lfw_ijb --out work_dirs/lfw_ijb [--identities 24] [--bench 0 1 2]
-    python -m validation_ijb.evaluate --model M.onnx --ijb-root work_dirs/lfw_ijb --dataset ijbc
+    python -m validation_ijb.evaluate --model M.onnx --data-root work_dirs/lfw_ijb --dataset ijbc
 
 Identities are the LFW people with at least four photos (identity = file name without ``_NNNN.jpg``),
 ``identities`` of them evenly spread over the sorted names. Landmarks and faceness scores come from the
@@ -134,11 +134,11 @@ def build(
 
 def bench(root: Path, workers: Sequence[int], copies: int = 8, repeat: int = 2) -> dict[int, float]:
     """Images per second of decoding + aligning the tree's faces (``copies`` passes over them) through
-    :func:`core.extract.extract_dataset` with a model that costs nothing, best of ``repeat``; the worker
+    :func:`evaluation.extract.extract_dataset` with a model that costs nothing, best of ``repeat``; the worker
     start-up is included, as in an evaluation."""
     import torch
 
-    from core.extract import extract_dataset
+    from evaluation.extract import extract_dataset
     from validation_ijb.dataset import AlignedFaces
     from validation_ijb.meta import load_ijb
 

@@ -19,15 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.identification import (
-    FARS,
-    closed_set_ranks,
-    cmc,
-    open_set_tpir_at_fpir,
-    roc_curve,
-    tar_at_far,
-    tpir_at_fpir,
-)
+from evaluation.identification import closed_set_ranks, cmc, open_set_tpir_at_fpir, tpir_at_fpir
+from evaluation.verification import FARS, roc_curve, tar_at_far
 from validation_ijb.meta import TemplateList
 
 FPIRS = (0.01, 0.1)
@@ -191,8 +184,9 @@ def identification(
     mixed probe templates; similarity = inner product of the template features.
 
     * ``rank``: CMC at ``ranks`` (rank of the probe's best mate; ties count for the probe);
-    * ``tpir_at_fpir``: insightface's figure (docs/methods.md §5.3, :func:`core.identification.tpir_at_fpir`);
-    * ``open_set``: the NIST definition per gallery (:func:`core.identification.open_set_tpir_at_fpir`),
+    * ``tpir_at_fpir``: insightface's figure (docs/methods.md §5.3,
+      :func:`evaluation.identification.tpir_at_fpir`);
+    * ``open_set``: the NIST definition per gallery (:func:`evaluation.identification.open_set_tpir_at_fpir`),
       where the probes of subjects outside that gallery are the non-mated searches; a gallery whose
       probes are all mated (or none) has a ``reason`` instead.
     """

@@ -1,15 +1,15 @@
 """Evaluate a model on MegaFace challenge 1 (docs/methods.md §5.5): rank-1 identification and TAR@FAR
 1e-1 ... 1e-9.
 
-    python -m validation_megaface.evaluate --root /data/megaface_testpack --model CKPT_OR_ONNX
-    python -m validation_megaface.evaluate --root /data/megaface_testpack --model model.pt --backbone r100 \\
-        --workers 16 --precision bf16 --features /scratch/megaface_features --json out.json
+    python -m validation_megaface.evaluate --data-root /data/megaface_testpack --model CKPT_OR_ONNX
+    python -m validation_megaface.evaluate --data-root /data/megaface_testpack --model model.pt \\
+        --backbone r100 --workers 16 --precision bf16 --cache /scratch/megaface_features --json out.json
 
-``--root`` holds ``facescrub_images/``, ``megaface_images/``, ``facescrub_noises.txt`` and
+``--data-root`` holds ``facescrub_images/``, ``megaface_images/``, ``facescrub_noises.txt`` and
 ``megaface_noises.txt`` (insightface's testpack). Images are scaled to 112x112 if they are not, embedded
 with their horizontal flips, fused (default: sum, then L2-normalised) and scored by inner product.
 
-Distractor features are written to ``--features`` as ``.npy`` blocks of ``--block-size`` images (each
+Distractor features are written to ``--cache`` as ``.npy`` blocks of ``--block-size`` images (each
 block once: an interrupted run resumes where it stopped, and a re-run with the same model, files and
 fusion only scores) and read back memory-mapped; scoring keeps only per-probe maxima and two histograms,
 so the memory needed does not grow with the number of distractors.
@@ -30,17 +30,22 @@ from typing import Any
 import numpy as np
 
 from core.cli import check_writable, error_line, main_guard
-from core.embedders import (
+from core.fileio import atomic_write
+from core.paths import PROJECT_ROOT
+from evaluation.cache import FeatureCache
+from evaluation.embedders import embedder_key
+from evaluation.extract import extract_files
+from evaluation.options import (
+    add_batch_arguments,
+    add_cache_argument,
+    add_data_root_argument,
     add_embedder_arguments,
+    add_fusion_argument,
     embedder_from_args,
-    embedder_key,
     run_settings,
     settings_line,
 )
-from core.extract import extract_files
-from core.fileio import atomic_write
-from core.paths import PROJECT_ROOT
-from validation_hq.protocol import FUSIONS, fuse_flip
+from evaluation.verification import fuse_flip
 from validation_megaface.protocol import (
     FARS,
     HEADLINE_FAR,
@@ -72,21 +77,20 @@ def _log(message: str) -> None:
 def fused_features(
     embed,
     files: Sequence[Path],
-    out: Path,
+    store: FeatureCache,
+    stem: str,
     fusion: str = "sum",
     batch_size: int = 256,
     workers: int = 0,
 ) -> np.ndarray:
-    """Unit features of ``files`` (flip-fused), stored as ``out`` (float32 ``.npy``) and read back
-    memory-mapped; an existing ``out`` with one row per file is reused."""
-    if out.is_file():
-        saved = np.load(out, mmap_mode="r")
-        if saved.ndim == 2 and saved.shape[0] == len(files):
-            return saved
-    original, flipped = extract_files(embed, files, batch_size, fusion != "none", workers)
-    with atomic_write(out, "wb") as fh:
-        np.save(fh, fuse_flip(original, flipped, fusion).astype(np.float32))
-    return np.load(out, mmap_mode="r")
+    """Unit features of ``files`` (flip-fused), entry ``stem`` (float32 ``.npy``) of ``store`` read back
+    memory-mapped; an entry with one row per file is reused."""
+
+    def compute() -> np.ndarray:
+        original, flipped = extract_files(embed, files, batch_size, fusion != "none", workers)
+        return fuse_flip(original, flipped, fusion)
+
+    return store.fused(stem, compute, rows=len(files))
 
 
 def distractor_blocks(
@@ -101,14 +105,15 @@ def distractor_blocks(
 ) -> list[np.ndarray]:
     """Memory-mapped feature blocks of the distractors, ``folder/distractors_<digest>_<k>.npy`` (the digest
     names the model ``key``, the fusion and the file list), extracting only the blocks not stored yet."""
+    store = FeatureCache(folder, "megaface")
     digest = _digest(files, fusion, key)
     blocks = []
     for k, start in enumerate(range(0, len(files), block_size)):
         part = files[start : start + block_size]
         started = time.perf_counter()
-        path = folder / f"distractors_{digest}_{k:05d}.npy"
-        stored = path.is_file()
-        blocks.append(fused_features(embed, part, path, fusion, batch_size, workers))
+        stem = f"distractors_{digest}_{k:05d}"
+        stored = store.path(stem, ".npy").is_file()
+        blocks.append(fused_features(embed, part, store, stem, fusion, batch_size, workers))
         if not stored:
             rate = len(part) / (time.perf_counter() - started)
             _log(f"megaface: distractors {start + len(part)}/{len(files)} embedded ({rate:.0f} images/s)")
@@ -149,8 +154,9 @@ def megaface_features(
     distractor_files, mega_report = list_megaface(
         root / "megaface_images", mega_noises, strict_noises, limit_distractors
     )
-    probe_store = features / f"probes_{_digest(probes.files, fusion, key)}.npy"
-    probe_features = fused_features(embed, probes.files, probe_store, fusion, batch_size, workers)
+    probe_stem = f"probes_{_digest(probes.files, fusion, key)}"
+    store = FeatureCache(features, "megaface")
+    probe_features = fused_features(embed, probes.files, store, probe_stem, fusion, batch_size, workers)
     blocks = distractor_blocks(
         embed, distractor_files, features, fusion, batch_size, workers, block_size, key
     )
@@ -207,19 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--root", type=Path, required=True, help="the testpack folder (facescrub_images/, ...)"
-    )
+    add_data_root_argument(parser, "--root", help="the testpack folder (facescrub_images/, ...)")
     add_embedder_arguments(parser)
-    parser.add_argument("--fusion", choices=FUSIONS, default="sum", help="flip fusion (none: no flip)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4, help="image loader processes")
-    parser.add_argument("--features", type=Path, help="feature store (default work_dirs/megaface/<model>)")
+    add_fusion_argument(parser)
+    add_batch_arguments(parser, 256, 4, "image loader processes")
+    add_cache_argument(parser, "--features", help="feature store (default work_dirs/megaface/<model>)")
     parser.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="distractors per .npy block")
     parser.add_argument("--chunk", type=int, help="distractors scored per step (default: 16M scores a step)")
     parser.add_argument("--keep-noises", action="store_true", help="do not remove the noise lists' images")
     parser.add_argument("--strict-noises", action="store_true",
-                        help="a noise entry that names no image under --root is an error")  # fmt: skip
+                        help="a noise entry that names no image under --data-root is an error")  # fmt: skip
     parser.add_argument("--limit-distractors", type=int, help="use the first N distractors (quick runs)")
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser
@@ -233,9 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         embed = embedder_from_args(args)
         key = embedder_key(args.model, embed)
-        features = args.features or PROJECT_ROOT / "work_dirs" / "megaface" / key
+        features = args.cache or PROJECT_ROOT / "work_dirs" / "megaface" / key
         result = evaluate_megaface(
-            embed, args.root, features, args.chunk, args.device, fusion=args.fusion,
+            embed, args.data_root, features, args.chunk, args.device, fusion=args.fusion,
             batch_size=args.batch_size, workers=args.workers, block_size=args.block_size,
             keep_noises=args.keep_noises, strict_noises=args.strict_noises,
             limit_distractors=args.limit_distractors, key=key,

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.identification import closed_set_ranks, cmc
+from evaluation.identification import closed_set_ranks, cmc
 
 FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 RANKS = (1, 5, 20)
-# Where the three folders may sit under --data_root: the aligned copy first (AdaFace's layout), then the
+# Where the three folders may sit under --data-root: the aligned copy first (AdaFace's layout), then the
 # root itself; the raw ``tinyface/Testing_Set`` last (its images are not aligned, see find_testing_set).
 CANDIDATES = (
     "aligned_pad_0.1_pad_high",

@@ -1,8 +1,5 @@
-"""Verification and identification metrics shared by the IJB and TinyFace evaluators.
+"""Identification metrics (IJB 1:N, TinyFace, docs/methods.md §5.3, §5.4).
 
-* :func:`roc_curve` / :func:`tar_at_far`: the ROC of similarity scores (higher = more alike) as
-  scikit-learn's ``roc_curve`` computes it, and TAR at target FARs the way insightface's IJB script reads
-  it (the ROC point whose FPR is closest to the target; the larger TPR wins ties).
 * :func:`closed_set_ranks` / :func:`cmc`: rank of each probe's best mate among a gallery that may hold
   a million distractors, scored in chunks so memory stays bounded.
 * :func:`tpir_at_fpir`: the IJB 1:N "TPIR at FPIR" of insightface's evaluation (docs/methods.md §5.3), whose
@@ -11,7 +8,7 @@
 
 Scores are computed in the precision of the features: float32 features give float32 scores, and float64
 features (IJB templates) float64 scores, so that no rounding ties scores which the reference computation
-(insightface's float64 templates) keeps apart.
+(insightface's float64 templates) keeps apart. ROC and TAR@FAR are in :mod:`evaluation.verification`.
 """
 
 from __future__ import annotations
@@ -20,43 +17,6 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-
-FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-def roc_curve(
-    scores: np.ndarray, labels: np.ndarray, drop_intermediate: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds) with thresholds decreasing, as ``sklearn.metrics.roc_curve`` returns them:
-    one point per distinct score, a first point (0, 0) at threshold +inf, and (with
-    ``drop_intermediate``) collinear points removed."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
-    if scores.shape != labels.shape:
-        raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
-    if not labels.any() or labels.all():
-        raise ValueError("the ROC needs both genuine (label 1) and impostor (label 0) pairs")
-    if not np.isfinite(scores).all():
-        raise ValueError(f"{int((~np.isfinite(scores)).sum())} scores are NaN or infinite")
-    order = np.argsort(scores, kind="mergesort")[::-1]
-    scores, labels = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each distinct score
-    tps = np.cumsum(labels)[last].astype(np.float64)
-    fps = (last + 1) - tps
-    thresholds = scores[last]
-    if drop_intermediate and len(fps) > 2:
-        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
-        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
-    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
-    thresholds = np.r_[np.inf, thresholds]
-    return fps / fps[-1], tps / tps[-1], thresholds
-
-
-def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars: Iterable[float] = FARS) -> dict[float, float]:
-    """TAR at each target FAR: the TPR of the ROC point whose FPR is nearest the target (the arrays are
-    searched from the high-FPR end, so among equally near points the larger TPR wins)."""
-    fpr_r, tpr_r = np.asarray(fpr)[::-1], np.asarray(tpr)[::-1]
-    return {float(far): float(tpr_r[int(np.argmin(np.abs(fpr_r - far)))]) for far in fars}
 
 
 def _score_dtype(*features: np.ndarray) -> np.dtype:

@@ -1,0 +1,309 @@
+"""Embedders from files: a checkpoint of ours, insightface or AdaFace weights, or an ONNX model.
+
+An embedder maps a uint8 RGB batch (N, 3, 112, 112) to float32 features (N, D); each knows the colour order
+and the input scaling its network expects and converts on the way in, so callers always hand over RGB
+pixels. ``embedder.normalization`` names the scaling (stored beside every evaluator's numbers).
+
+:func:`load_embedder` reads any of them; :func:`checkpoint_backbone` is the one way a checkpoint of this
+framework becomes its backbone (ProbFace's embedder of ``probface.embedder`` builds on it), and weights of
+other frameworks go through ``backbones.converters``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from backbones import build_backbone
+from backbones.common import PRECISIONS, check_precision
+from backbones.converters import ConversionError, from_adaface, from_insightface
+from core.checkpoint import NORMALIZATION, checked_checkpoint, load_weights
+from core.plugins import import_checkpoint_imports
+from core.registry import UnknownNameError
+from data.transforms import normalize_batch
+
+DEFAULT_INPUT = (127.5, 127.5)  # (mean, std) of (x - mean) / std on pixels 0..255: NORMALIZATION
+
+
+class TorchEmbedder:
+    """A backbone, put in eval mode; ``color`` is the order its network was trained on; ``channels_last``
+    feeds the input in that memory format (for a model converted to it); ``input_size`` is the side its
+    input is resized to (default: the model's ``input_size``, if it has one).
+
+    ``precision`` runs the network under autocast: ``fp32`` (none), ``bf16`` or ``fp16``; the backbones keep
+    their embedding layer (FC + BN) in fp32 under it, as in training. It applies on any device it is asked
+    for (CPU autocast supports bf16), so a CPU run stays fp32 unless told otherwise.
+    """
+
+    normalization = NORMALIZATION
+
+    def __init__(
+        self,
+        model: nn.Module,
+        color: str = "rgb",
+        device: str | torch.device = "cpu",
+        channels_last: bool = False,
+        precision: str = "fp32",
+        input_size: int | None = None,
+    ) -> None:
+        check_precision(precision)
+        self.model, self.color, self.device = model.eval().to(device), color, torch.device(device)
+        self.channels_last, self.precision = channels_last, precision
+        self.input_size = input_size if input_size is not None else getattr(model, "input_size", None)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB pixels -> the network's input on its device (colour order, size, normalisation)."""
+        x = torch.as_tensor(images).to(self.device, non_blocking=True)
+        x = normalize_batch(x, self.color, self.input_size)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self) -> AbstractContextManager:
+        """The autocast of ``precision`` on the embedder's device (none for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(images)
+        with self.autocast():
+            return self.model(x).float().cpu()
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """Network input ``(x - mean) / std`` of pixels ``x`` in 0..255, and why it was chosen."""
+
+    mean: float
+    std: float
+    reason: str
+
+    @property
+    def description(self) -> str:
+        if (self.mean, self.std) == DEFAULT_INPUT:
+            return NORMALIZATION
+        return f"(x - {self.mean:g}) / {self.std:g}"
+
+
+def folded_normalization(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """The two nodes of a normalisation folded into the head of an ONNX graph, or None.
+
+    insightface's model zoo (``ArcFaceONNX``) feeds raw pixels to a model when its first 8 nodes include
+    one named ``Sub*``/``_minus*`` and one named ``Mul*``/``_mul*`` (mxnet's ``_minusscalar0``,
+    ``_mulscalar0``); that rule is applied as it is. Exporters that name nodes otherwise (PyTorch writes
+    ``/Sub``, ``/Mul``; the onnx helper API leaves names empty) are recognised by the operators instead:
+    within the first 8 nodes, a Sub or Mul that reads the graph input, followed by the other one reading
+    its output."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    head = list(graph.node[:8])
+    named = {
+        op: next((n for n in head if n.name.startswith(prefixes)), None)
+        for op, prefixes in (("Sub", ("Sub", "_minus")), ("Mul", ("Mul", "_mul")))
+    }
+    if named["Sub"] is not None and named["Mul"] is not None:
+        return named["Sub"].name, named["Mul"].name
+    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    for first in head:
+        if first.op_type in ("Sub", "Mul") and inputs & set(first.input):
+            other = "Mul" if first.op_type == "Sub" else "Sub"
+            second = next((n for n in head if n.op_type == other and set(first.output) & set(n.input)), None)
+            if second is not None:
+                return first.name or first.op_type, second.name or second.op_type
+    return None
+
+
+def onnx_input_scaling(
+    path: str | os.PathLike[str],
+    metadata: dict[str, str],
+    mean: float | None = None,
+    std: float | None = None,
+) -> InputScaling:
+    """The input scaling of an ONNX model: ``mean``/``std`` when given (both), else the ``normalization``
+    entry of its metadata (written by ``scripts/export_onnx.py``), else a Sub/Mul head in its graph
+    (:func:`folded_normalization`: raw pixels, mean 0, std 1), else insightface's default 127.5 / 127.5."""
+    if mean is not None or std is not None:
+        if mean is None or std is None:
+            raise ValueError(f"{path}: give both the input mean and std (--input-mean M --input-std S)")
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ValueError(f"{path}: input mean {mean} and std {std} must be finite, the std positive")
+        return InputScaling(float(mean), float(std), "given with --input-mean/--input-std")
+    value = metadata.get("normalization")
+    if value is not None:
+        said = f"its metadata says normalization = {value!r}"
+        if value.strip().lower().startswith("none"):
+            return InputScaling(0.0, 1.0, said)
+        if value.replace(" ", "") in {NORMALIZATION.replace(" ", ""), "(x-127.5)/127.5"}:
+            return InputScaling(*DEFAULT_INPUT, said)
+        raise ValueError(
+            f"{path}: metadata normalization = {value!r} is neither {NORMALIZATION!r} nor 'none: ...' "
+            "(raw pixels); give the input scaling with --input-mean and --input-std"
+        )
+    nodes = folded_normalization(path)
+    if nodes is not None:
+        return InputScaling(0.0, 1.0, f"its graph opens with {nodes[0]} and {nodes[1]}, a folded scaling")
+    return InputScaling(*DEFAULT_INPUT, "no normalization metadata and no Sub/Mul at the head of its graph")
+
+
+class OnnxEmbedder:
+    """An ONNX model run by onnxruntime on ``(x - mean) / std`` of the pixels in ``color`` order.
+
+    The colour comes from the model's ``color`` metadata when it has one (else rgb). The scaling is
+    ``input_mean``/``input_std`` when given, else read from the model (:func:`onnx_input_scaling`): raw
+    pixels for a model whose normalisation is folded into its graph (``scripts/export_onnx.py
+    --fold-normalization``, insightface's mxnet conversions), ``(x - 127.5) / 127.5`` otherwise. One line on
+    stderr says which scaling was chosen and why (``verbose=False`` keeps it quiet).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        color: str | None = None,
+        input_mean: float | None = None,
+        input_std: float | None = None,
+        verbose: bool = True,
+    ) -> None:
+        import onnxruntime
+
+        self.path, self.precision = Path(path), "fp32"
+        if self.path.stat().st_size == 0:
+            raise ValueError(f"{self.path}: empty file (0 bytes), not an ONNX model")
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's errors derive from Exception only
+            reason = str(err).split(" failed:")[-1].strip() or type(err).__name__
+            raise ValueError(f"{self.path}: not a readable ONNX model ({reason})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.color = color or meta.get("color", "rgb")
+        self.scaling = onnx_input_scaling(self.path, meta, input_mean, input_std)
+        self.normalization = self.scaling.description
+        self.input = self.session.get_inputs()[0].name
+        side = self.session.get_inputs()[0].shape[-1]
+        self.input_size = side if isinstance(side, int) else None  # faces are resized to a fixed input
+        if verbose:
+            print(f"{self.path.name}: input {self.normalization} of {self.color.upper()} pixels 0..255 "
+                  f"({self.scaling.reason})", file=sys.stderr)  # fmt: skip
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = normalize_batch(torch.as_tensor(images), self.color, self.input_size)  # (x - 127.5) / 127.5
+        mean, std = self.scaling.mean, self.scaling.std
+        if (mean, std) != DEFAULT_INPUT:  # the same affine map of the pixels, after any resize
+            x = x.mul_(127.5 / std).add_((127.5 - mean) / std)
+        out = self.session.run(None, {self.input: x.numpy()})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def load_embedder(
+    path: str | os.PathLike[str],
+    backbone: str | None = None,
+    color: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    input_mean: float | None = None,
+    input_std: float | None = None,
+) -> TorchEmbedder | OnnxEmbedder:
+    """An embedder for ``path``: ``.onnx`` files run with onnxruntime; a checkpoint of this framework
+    carries its architecture and colour; any other state dict needs ``backbone``: insightface's ``model.pt``
+    (colour default rgb) or AdaFace's Lightning ``.ckpt`` (converted by ``backbones.converters``, colour
+    default bgr). ``precision`` (fp32 | bf16 | fp16) is the autocast of a
+    PyTorch model (see :class:`TorchEmbedder`); ONNX models run as exported. ``input_mean``/``input_std``
+    override the input scaling an ONNX model is fed (see :class:`OnnxEmbedder`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a model file")
+    check_precision(precision)
+    if path.suffix == ".onnx":
+        if precision != "fp32":
+            raise ValueError(f"{path}: precision {precision} is for PyTorch models; ONNX runs as exported")
+        return OnnxEmbedder(path, color, input_mean, input_std)
+    if input_mean is not None or input_std is not None:
+        raise ValueError(
+            f"{path}: --input-mean/--input-std are for ONNX models; PyTorch models get {NORMALIZATION}"
+        )
+    state = load_weights(path)  # the one loader of PyTorch files: one-line errors naming the file
+    if isinstance(state, dict) and "format_version" in state:
+        model, meta = checkpoint_backbone(path, state)
+        return TorchEmbedder(model, color or meta["color"], device, precision=precision)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a Lightning .ckpt (AdaFace)
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: neither a checkpoint of this framework nor a backbone state dict")
+    if backbone is None:
+        raise ValueError(f"{path}: a plain state dict; name its architecture (--backbone r50, ...)")
+    adaface = any(k.removeprefix("model.").startswith(("input_layer.", "body.")) for k in state)
+    try:  # insightface model.pt: our layout (a DDP prefix dropped); AdaFace: its IR names, BGR input
+        state = from_adaface(state, backbone) if adaface else from_insightface(state)
+    except (ConversionError, UnknownNameError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    embedding_size = next(
+        (v.shape[0] for k, v in state.items() if k.startswith("features.") and v.ndim == 1), 512
+    )
+    model = _backbone(path, backbone, embedding_size=int(embedding_size))
+    _load_backbone_weights(path, model, state, f"backbone {backbone!r}")
+    return TorchEmbedder(model, color or ("bgr" if adaface else "rgb"), device, precision=precision)
+
+
+def checkpoint_backbone(path: str | os.PathLike[str], state: dict) -> tuple[nn.Module, dict]:
+    """(backbone, meta) of a checkpoint of this framework read from ``path``: the architecture, embedding
+    and input size of its meta, with its weights; anything missing or not fitting is one line naming the
+    file."""
+    path = Path(path)
+    state = checked_checkpoint(path, state)
+    meta = state.get("meta")
+    needed = ("arch", "embedding_size", "input_size", "color")
+    if not isinstance(meta, dict) or any(k not in meta for k in needed) or "backbone" not in state:
+        raise ValueError(f"{path}: a checkpoint without backbone weights and meta {', '.join(needed)}")
+    import_checkpoint_imports(state.get("config"), path)  # the run's custom_imports: a user's backbone
+    model = _backbone(
+        path, meta["arch"], embedding_size=meta["embedding_size"], input_size=meta["input_size"]
+    )
+    _load_backbone_weights(path, model, state["backbone"], f"its meta arch {meta['arch']!r}")
+    return model, meta
+
+
+def _backbone(path: Path, arch: str, **kwargs: object) -> nn.Module:
+    try:
+        return build_backbone(arch, **kwargs)
+    except UnknownNameError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _load_backbone_weights(path: Path, model: nn.Module, state: dict, what: str) -> None:
+    """``state`` into ``model``, or one line naming the file and the first keys that do not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{len(missing)} weights missing (first {missing[0]})"] if missing else []
+    problems += [f"{len(unexpected)} unexpected (first {unexpected[0]})"] if unexpected else []
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} of another shape (first {k}: {tuple(state[k].shape)}, "
+                        f"expected {tuple(own[k].shape)})")  # fmt: skip
+    if problems:
+        raise ValueError(f"{path}: does not fit {what}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def embedder_key(path: str | os.PathLike[str], embedder: TorchEmbedder | OnnxEmbedder) -> str:
+    """A name for cached features: the model file (name, size, mtime), its colour, its precision and,
+    when it is not the default ``(x - 127.5) / 127.5``, its input scaling."""
+    stat = Path(path).stat()
+    key = f"{Path(path).stem}_{stat.st_size}_{int(stat.st_mtime)}_{embedder.color}"
+    key = key if embedder.precision == "fp32" else f"{key}_{embedder.precision}"
+    scaling = getattr(embedder, "scaling", None)
+    if scaling is not None and (scaling.mean, scaling.std) != DEFAULT_INPUT:
+        key += f"_in{scaling.mean:g}-{scaling.std:g}"
+    return key
