@@ -22,7 +22,8 @@ def run_as_module() -> None:
     the repository on ``PYTHONPATH``."""
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    argv = [sys.executable, "-m", "validation_tinyface.validate_tinyface", *sys.argv[1:]]
+    safe = ["-P"] if sys.version_info >= (3, 11) else []  # the repository's modules, not the working folder's
+    argv = [sys.executable, *safe, "-m", "validation_tinyface.validate_tinyface", *sys.argv[1:]]
     os.execve(sys.executable, argv, {**os.environ, "PYTHONPATH": path})
 
 
