@@ -16,7 +16,7 @@ from core.registry import Registry
 BACKBONES = Registry("backbone")
 
 # Importing the modules registers their architectures.
-from backbones import inception_resnet, iresnet, mobilefacenet, resface, seresnext  # noqa: E402,F401
+from backbones import inception_resnet, iresnet, mobilefacenet, resface, seresnext, vit  # noqa: E402,F401
 from backbones.contract import (  # noqa: E402
     CONSTRUCTOR_ARGS,
     Backbone,

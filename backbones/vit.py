@@ -102,7 +102,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(n, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, tokens, head dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, tokens, head dim)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, tokens, dim)))
 
@@ -204,6 +204,8 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         # arcface_torch's: truncated N(0, 0.02) linear weights and position embedding, zero biases, unit
         # LayerNorms, N(0, 0.02) mask token; the patch convolution and the BNs keep PyTorch's defaults.
+        if self.pos_embed.is_meta:  # shapes only (the meta device): nothing to draw, and its normal_
+            return  # would import torch._dynamo
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
@@ -255,7 +257,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The tokens after the final norm, (N, num_patches, D) in fp32, with the mask token in the places
         of the patches dropped in training."""
-        if x.shape[-2:] != (self.input_size, self.input_size):
+        if not torch.jit.is_tracing() and x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"input of {tuple(x.shape[-2:])} pixels; this ViT was built for "
                 f"{self.input_size}x{self.input_size} (input_size)"

@@ -351,6 +351,9 @@ class OptimConfig:
     )
     grad_clip: float = bounded(5.0, min=0.0)  # max global grad norm; 0 disables
     grad_accum: int = bounded(1, min=1)
+    # Layer-wise lr decay: a backbone's layer i of L (ViTs: 0 the embeddings, i + 1 block i, L the head) takes
+    # lr * layer_decay^(L - i); other modules the full lr. 1 switches it off.
+    layer_decay: float = bounded(1.0, above=0.0, max=1.0)
 
 
 @dataclass

@@ -6,6 +6,11 @@ PolyScheduler used 2), ``multistep`` (milestones in epochs) or ``cosine`` decay 
 warmup the polynomial factor equals PolynomialLRWarmup's step for step; during the warmup step k takes
 (k + 1) / warmup of the rate, where PolynomialLRWarmup takes k / warmup after a first step at the full
 rate (docs/fidelity.md).
+
+Layer-wise learning-rate decay (``optim.layer_decay`` < 1, BEiT's and MAE's fine-tuning rule): a module that
+numbers its parameters' layers (``lr_depth`` L and ``lr_layer(name)`` in 0..L, as the ViT backbones do)
+trains layer i at ``lr * layer_decay^(L - i)``; every other module, and every parameter at 1, at ``lr``.
+The schedule multiplies every group alike, so the ratios hold at every step.
 """
 
 from __future__ import annotations
@@ -17,25 +22,47 @@ import torch
 from torch import nn
 
 from core.config import OptimConfig, ScheduleConfig
+from core.registry import ConfigError
 
 
-def parameter_groups(modules: Iterable[nn.Module], weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
+def parameter_groups(
+    modules: Iterable[nn.Module], weight_decay: float, no_decay_bn_bias: bool, layer_decay: float = 1.0
+) -> list[dict]:
     """Trainable parameters, with BN/PReLU-style 1-d parameters and biases in a group without weight decay
-    when ``no_decay_bn_bias``; frozen parameters (requires_grad False) are left out."""
-    decay, no_decay = [], []
+    when ``no_decay_bn_bias``; frozen parameters (requires_grad False) are left out. With ``layer_decay`` < 1
+    the parameters of a module that numbers its layers are grouped by layer too, each group carrying its
+    ``lr_scale`` (groups of scale 1 first, so ``param_groups[0]`` holds the full rate)."""
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for module in modules:
-        for p in module.parameters():
+        depth = getattr(module, "lr_depth", None) if layer_decay != 1.0 else None
+        for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+            scale = 1.0 if depth is None else layer_decay ** (depth - module.lr_layer(name))
+            grouped.setdefault((scale, no_decay_bn_bias and p.ndim <= 1), []).append(p)
+    if layer_decay == 1.0:  # the two groups the optimizer always had: with decay (even if empty), without
+        grouped.setdefault((1.0, False), [])
+    groups = []
+    for (scale, no_decay), params in sorted(grouped.items(), key=lambda item: (-item[0][0], item[0][1])):
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if layer_decay != 1.0:
+            group["lr_scale"] = scale
+        groups.append(group)
     return groups
 
 
 def build_optimizer(cfg: OptimConfig, modules: Iterable[nn.Module]) -> torch.optim.Optimizer:
-    groups = parameter_groups(modules, cfg.weight_decay, cfg.no_decay_bn_bias)
+    modules = list(modules)
+    if cfg.layer_decay != 1.0 and not any(hasattr(m, "lr_depth") for m in modules):
+        names = ", ".join(type(m).__name__ for m in modules)
+        raise ConfigError(
+            f"optim.layer_decay {cfg.layer_decay:g} needs a backbone that numbers its layers (the vit_* "
+            f"backbones); none of {names} does: set optim.layer_decay: 1.0",
+            key="optim.layer_decay",
+        )
+    groups = parameter_groups(modules, cfg.weight_decay, cfg.no_decay_bn_bias, cfg.layer_decay)
+    for group in groups:
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
