@@ -27,7 +27,8 @@ def mutual_likelihood_score(
 def pairwise_mls(mu: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     """(N, N) matrix of mutual likelihood scores of a batch."""
     n = mu.shape[0]
-    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    index = torch.arange(n, device=mu.device)
+    i, j = torch.meshgrid(index, index, indexing="ij")
     return mutual_likelihood_score(
         mu[i.flatten()], mu[j.flatten()], sigma2[i.flatten()], sigma2[j.flatten()]
     ).view(n, n)
