@@ -284,6 +284,18 @@ class ModelConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """The way of training, by registry name (``objectives/``): ``classification`` (Partial FC over a margin
+    head, a loss on the per-sample cross-entropy), ``metric`` (a loss on the embeddings of PK batches),
+    ``probface`` (an uncertainty module on a frozen backbone), or a registered one of the user's.
+    ``auto`` takes it from the other sections: head.name none with model.uncertainty is probface,
+    head.name none metric, any head classification. ``params`` go to its constructor."""
+
+    name: str = "auto"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class HeadConfig:
     """Margin head by registry name. ``params`` go to its constructor (checked against its signature when
     the head is built), so a head's own defaults apply: CosFace m 0.4, ArcFace m 0.5, AdaFace m 0.4, ...
@@ -411,6 +423,7 @@ class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)

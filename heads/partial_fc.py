@@ -20,12 +20,16 @@ cosine).
 
 ``state_dict`` is unsharded (every rank must call it: it gathers the shards) and ``load_state_dict``
 takes an unsharded one, so a checkpoint moves between world sizes.
+
+What miners need comes back from :meth:`PartialFC.scores` as values (the target cosines of the global batch;
+on request the shard's cosines, which :meth:`PartialFC.top_negatives` ranks across shards): the class keeps
+no state of the last batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -72,6 +76,25 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         return grad_logits * grad.unsqueeze(1), None
 
 
+class ShardCosines(NamedTuple):
+    """This rank's cosines of a global batch, as :meth:`PartialFC.top_negatives` reads them."""
+
+    cos: torch.Tensor  # (N global, scored local classes), detached
+    local: torch.Tensor  # (N global,) column of each sample's class here, -1 where it lives on another rank
+    index: torch.Tensor | None  # local class of each column (None: every local class, in order)
+
+
+class BatchScores(NamedTuple):
+    """What :meth:`PartialFC.scores` gives for a global batch, the same on every rank except ``cosines``
+    and ``index`` (this rank's shard)."""
+
+    ce: torch.Tensor  # (N global,) per-sample cross-entropy, rank r's samples r-th
+    labels: torch.Tensor  # (N global,) their labels
+    target_cos: torch.Tensor  # (N global,) cos(theta_y) of each sample, detached (difficulty scores)
+    index: torch.Tensor | None  # local classes scored (sample_rate < 1 in training), else None
+    cosines: ShardCosines | None  # with ``keep_cosines``: for top_negatives (mining)
+
+
 class PartialFC(nn.Module):
     """``forward(embeddings, labels) -> loss`` for the local batch, with the head's centres sharded.
 
@@ -114,10 +137,6 @@ class PartialFC(nn.Module):
         self.head: MarginHead = HEADS.build(
             head, embedding_size=embedding_size, num_classes=self.num_local, **head_params
         )
-        self.last_index: torch.Tensor | None = None  # local classes scored in the last step (for tests/logs)
-        self.last_target_cos: torch.Tensor | None = None  # target cosines of the last global batch
-        self.keep_cosines = False  # keep the last batch's cosines for top_negatives (mining)
-        self._last_cos: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         if init_seed is not None:
             self._init_shard(init_seed)
 
@@ -135,14 +154,22 @@ class PartialFC(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the global batch."""
-        return self.per_sample_ce(embeddings, labels)[0].mean()
+        return self.scores(embeddings, labels).ce.mean()
 
     def per_sample_ce(
         self, embeddings: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cross-entropy of every sample of the global batch, their labels), the same on every rank:
-        rank r's samples come r-th. Any function of this vector (focal, FRABSM weight) has exact
-        gradients for the centres of this shard and for every rank's embeddings."""
+        """(cross-entropy of every sample of the global batch, their labels): :meth:`scores`' first two."""
+        out = self.scores(embeddings, labels)
+        return out.ce, out.labels
+
+    def scores(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, keep_cosines: bool = False
+    ) -> BatchScores:
+        """The per-sample cross-entropy of every sample of the global batch, their labels and target
+        cosines, the same on every rank (rank r's samples come r-th); with ``keep_cosines`` also this
+        shard's cosines for :meth:`top_negatives`. Any function of the cross-entropy vector (focal, FRABSM
+        weight) has exact gradients for the centres of this shard and for every rank's embeddings."""
         # Non-finite embeddings pass: gathered, they make the cross-entropy NaN on every rank alike, and the
         # training loop skips the step everywhere (an error here, on one rank, would leave the others
         # waiting in the all-gather, and would stop the run before train.max_bad_steps can act).
@@ -158,18 +185,16 @@ class PartialFC(nn.Module):
                 weight = weight[index]
             else:
                 index = None
-            self.last_index = index
             cos = self.head.cosine(all_embeddings, weight)
             if self.interclass_filtering_threshold > 0:
                 cos = self._filter_interclass(cos, local)
-            if self.keep_cosines:
-                self._last_cos = (cos.detach(), local, index)
+            cosines = ShardCosines(cos.detach(), local, index) if keep_cosines else None
             here = local >= 0
             cos_y_all = torch.where(here, self.head.target_cos(cos, local).detach(), 0.0)
             cos_y_all = all_reduce(cos_y_all, "sum")
-            self.last_target_cos = cos_y_all
             logits = self.head.logits(cos, local, all_embeddings.norm(dim=1), cos_y_all)
-            return _ShardedCrossEntropy.apply(logits, local), all_labels
+            ce = _ShardedCrossEntropy.apply(logits, local)
+            return BatchScores(ce, all_labels, cos_y_all, index, cosines)
 
     def _filter_interclass(self, cos: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """``cos`` with every non-target entry above the threshold multiplied by 0 (a constant mask, so no
@@ -194,12 +219,11 @@ class PartialFC(nn.Module):
     # -- mining -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def top_negatives(self, k: int) -> torch.Tensor:
-        """(N global, k) ids of the k non-target classes with the highest cosine for each sample of the last
-        global batch, ranked across all shards (-1 pads when fewer classes exist). Needs ``keep_cosines``."""
-        if self._last_cos is None:
-            raise RuntimeError("PartialFC.top_negatives needs keep_cosines = True and a forward pass first")
-        cos, local, index = self._last_cos
+    def top_negatives(self, cosines: ShardCosines, k: int) -> torch.Tensor:
+        """(N global, k) ids of the k non-target classes with the highest cosine for each sample of the
+        global batch whose ``cosines`` :meth:`scores` kept, ranked across all shards (-1 pads when fewer
+        classes exist). Every rank must call it."""
+        cos, local, index = cosines
         cos = cos.clone()
         rows = torch.nonzero(local >= 0).squeeze(1)
         cos[rows, local[rows]] = float("-inf")  # not the target class

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from core.distributed import all_reduce, get_rank, get_world_size
-from heads.partial_fc import PartialFC
+from heads.partial_fc import PartialFC, ShardCosines
 from losses.closeness_diversity import closeness_loss, diversity_loss
 from mining.difficulty import DifficultyScores, EasyHardSampler
 
@@ -49,7 +49,8 @@ class MinedTerms:
 class ClosenessDiversityMiner:
     """Args:
     positions: class id -> dataset positions of its images (``source.indices_per_identity()``).
-    load: dataset positions -> uint8 image batch (the training transform of the current epoch).
+    load: dataset positions -> uint8 image batch (the training transform of the current epoch); needed by
+        :meth:`gradient` only.
     classes, num_easy, num_hard, negatives: K (over all ranks), N_E, N_H, N_P.
     weight_closeness, weight_diversity, scale: W_C, W_D and the diversity scale s.
     prototype_rows: whose hard negatives make the prototypes: ``last`` (the last sample of each selected
@@ -91,10 +92,16 @@ class ClosenessDiversityMiner:
         return np.sort(rng.choice(present, size=count, replace=False))
 
     def prototypes(
-        self, classifier: PartialFC, selected: np.ndarray, labels: torch.Tensor, device: torch.device
+        self,
+        classifier: PartialFC,
+        cosines: ShardCosines,
+        selected: np.ndarray,
+        labels: torch.Tensor,
+        device: torch.device,
     ) -> torch.Tensor:
-        """Centres of the union of the selected classes' hard negatives (from the last global batch)."""
-        negatives = classifier.top_negatives(self.negatives)  # (N global, N_P) class ids, every rank alike
+        """Centres of the union of the selected classes' hard negatives, ranked by ``cosines``, the
+        classifier's cosines of the global batch whose rank-local part is ``labels``."""
+        negatives = classifier.top_negatives(cosines, self.negatives)  # (N global, N_P), every rank alike
         rows = get_rank() * len(labels) + self.prototype_samples(labels.cpu().numpy(), selected)
         union = torch.unique(negatives[rows.to(negatives.device)].flatten())
         union = union[(union >= 0) & ~torch.isin(union, torch.from_numpy(selected).to(union.device))]
@@ -111,6 +118,7 @@ class ClosenessDiversityMiner:
         self,
         backbone: nn.Module,
         classifier: PartialFC,
+        cosines: ShardCosines,
         scores: DifficultyScores,
         labels: torch.Tensor,
         embed_input: Callable[[torch.Tensor], torch.Tensor],
@@ -118,19 +126,20 @@ class ClosenessDiversityMiner:
         loss_scale: float = 1.0,
     ) -> tuple[list[torch.Tensor], MinedTerms]:
         """Gradients of this rank's share of the mined loss for ``backbone``'s parameters, already summed
-        over ranks (every rank must call this on the same steps)."""
+        over ranks (every rank must call this on the same steps). ``cosines``: the classifier's cosines of
+        the global batch of this rank's ``labels`` (``PartialFC.scores(..., keep_cosines=True)``)."""
         selected = self.choose_classes(labels, rng)
         picked = self.sampler.sample(selected, scores.scores.cpu().numpy(), rng)
         easy, hard = picked["easy"], picked["hard"]
         if self.load is None:
-            raise RuntimeError("ClosenessDiversityMiner.load is not set")
+            raise RuntimeError("ClosenessDiversityMiner: construct it with load= to mine images")
         images = self.load(np.concatenate([easy.ravel(), hard.ravel()]))
         embeddings = backbone(embed_input(images))
         n_easy = easy.size
         closeness = closeness_loss(embeddings[:n_easy].reshape(len(selected), easy.shape[1], -1))
         device = embeddings.device
         diversity = diversity_loss(
-            embeddings[n_easy:], self.prototypes(classifier, selected, labels, device), self.scale
+            embeddings[n_easy:], self.prototypes(classifier, cosines, selected, labels, device), self.scale
         )
         loss = (self.weight_closeness * closeness + self.weight_diversity * diversity) / get_world_size()
         params = [p for p in backbone.parameters() if p.requires_grad]

@@ -25,6 +25,8 @@ from core.config import load_config
 from core.optim import build_optimizer
 from core.paths import PROJECT_ROOT
 from data.transforms import normalize_batch
+from losses import LOSSES
+from objectives.classification import build_classifier
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0, "L40S": 362.0, "A10": 125.0}
 
@@ -80,8 +82,8 @@ def synthetic_step(
     backbone = train.build_model(cfg).to(device)
     if cfg.model.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    classifier = train.build_classifier(cfg, args.classes).to(device)
-    loss_fn = train.LOSSES.build(cfg.loss.name)
+    classifier = build_classifier(cfg, args.classes).to(device)
+    loss_fn = LOSSES.build(cfg.loss.name)
     model = torch.compile(backbone) if cfg.model.compile else backbone
     optimizer = build_optimizer(cfg.optim, [backbone, classifier])
     scaler = torch.amp.GradScaler(device.type) if cfg.model.precision == "fp16" else None
@@ -113,7 +115,7 @@ def recordio_step(
 
     def step() -> None:
         train.train_step(run, [next(batches)])
-        run.step += 1
+        run.state.step += 1
 
     return step, run.backbone
 

@@ -321,7 +321,7 @@ def test_preview_grid_and_option_errors(celeba_folder, shared_data, tmp_path, ca
 
 
 def test_masked_recipe_weights_classes_in_the_focal_loss():
-    import train
+    from objectives.classification import build_criterion
 
     # the recipe trains without them, as the FYP's code does (its weights cancel); here they are asked for
     cfg = load_config(ROOT / "configs" / "recipes" / "masked_arcface_focal.yaml",
@@ -332,7 +332,7 @@ def test_masked_recipe_weights_classes_in_the_focal_loss():
     assert cfg.optim.nesterov and cfg.schedule.milestones == [5, 10, 15, 20] and cfg.train.epochs == 25
     counts = np.array([2, 10, 50])
     data_labels = np.repeat(np.arange(3), counts)
-    loss = train.build_loss(cfg, data_labels, num_classes=3)
+    loss = build_criterion(cfg, data_labels, num_classes=3)
     w = 1 / np.log1p(counts)
     w = w * 3 / w.sum()
     assert np.allclose(loss.class_weights.numpy(), w)
@@ -342,7 +342,7 @@ def test_masked_recipe_weights_classes_in_the_focal_loss():
     expected = (torch.from_numpy(w)[y] * focal).sum() / torch.from_numpy(w)[y].sum()
     assert loss.reduce(ce, y).item() == pytest.approx(expected.item())
     # the weights act with the focal loss (they do not cancel out): other weights, another loss
-    unweighted = train.build_loss(load_config(ROOT / "configs" / "recipes" / "masked_arcface_focal.yaml",
+    unweighted = build_criterion(load_config(ROOT / "configs" / "recipes" / "masked_arcface_focal.yaml",
                                               ["loss.class_weights=none"]), data_labels, 3)  # fmt: skip
     assert unweighted.reduce(ce, y).item() == pytest.approx(focal.mean().item())
     assert abs(loss.reduce(ce, y).item() - focal.mean().item()) > 0.1

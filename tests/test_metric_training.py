@@ -17,6 +17,7 @@ from core.checkpoint import load_checkpoint
 from core.config import ConfigError, load_config
 from data.image_folder import ImageFolderFaces
 from data.sampler import PKBatchSampler
+from objectives.metric import build_criterion
 from tests.synthetic_faces import write_identity_folder, write_pairs_bin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +164,7 @@ def test_inconsistent_metric_settings_fail_before_the_first_step(faces, tmp_path
 def test_a_margin_that_keeps_every_triplet_active_is_warned_about(faces, tmp_path):
     cfg = load_config(CONFIG, overrides(faces["train"], tmp_path, "loss.params.margin=2.5"))
     with pytest.warns(UserWarning, match="every triplet stays active"):
-        train.build_loss(cfg, np.zeros(4, dtype=np.int64), 12)
+        build_criterion(cfg)
 
 
 def test_the_masked_triplet_recipe_builds_and_steps(faces, capsys):
@@ -173,7 +174,7 @@ def test_the_masked_triplet_recipe_builds_and_steps(faces, capsys):
     small += ["data.image_size=32", "model.input_size=16", "data.num_workers=0", "model.embedding_size=32"]
     assert train.main(["--config", str(recipe), "--set", *small, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "global_batch: 128" in out and "head_parameters_M: 0.0" in out
+    assert "global_batch: 128" in out and "objective_parameters_M: 0.0" in out
     from tests.test_recipes import dry_run_losses  # finite losses within [0, 2 + margin]
 
     dry_run_losses(out, load_config(recipe, small), steps=1)  # 96 images: one batch of 128 per epoch

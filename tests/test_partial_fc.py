@@ -64,7 +64,8 @@ def _worker(
             state.update(batch_mean=torch.tensor(20.0).double(), batch_std=torch.tensor(100.0).double())
         pfc.load_state_dict(state)
         x_local = x[rank * B : (rank + 1) * B].clone().requires_grad_()
-        loss = pfc(x_local, y[rank * B : (rank + 1) * B])
+        scores = pfc.scores(x_local, y[rank * B : (rank + 1) * B])
+        loss = scores.ce.mean()  # = pfc(x_local, labels)
         loss.backward()
         full_state = pfc.state_dict()  # collective: every rank calls it
         torch.save(
@@ -72,7 +73,7 @@ def _worker(
                 "loss": loss.detach(),
                 "x_grad": x_local.grad,
                 "w_grad": pfc.head.weight.grad,
-                "index": pfc.last_index,
+                "index": scores.index,
                 "state": full_state,
             },
             Path(out) / f"rank{rank}.pt",
@@ -188,9 +189,8 @@ def _loss_worker(rank: int, port: int, out: str, loss_name: str, loss_params: di
         pfc.load_state_dict({"weight": weight})
         optimizer = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9)
         x_local = x[rank * B : (rank + 1) * B].clone().requires_grad_()
-        pfc.keep_cosines = True
-        ce, all_labels = pfc.per_sample_ce(x_local, y[rank * B : (rank + 1) * B])
-        negatives = pfc.top_negatives(4)  # ranked across both shards
+        ce, all_labels, _, _, cosines = pfc.scores(x_local, y[rank * B : (rank + 1) * B], keep_cosines=True)
+        negatives = pfc.top_negatives(cosines, 4)  # ranked across both shards
         wanted = torch.tensor([rank, C - 1 - rank, 5])  # centres living on either rank
         centres = pfc.gather_centres(wanted)
         loss = build_loss(loss_name, **loss_params).reduce(ce, all_labels)
@@ -355,7 +355,7 @@ def test_interclass_filtering_two_gloo_ranks_equal_arcface_torch(tmp_path, name,
 
 def test_interclass_filtering_key_reaches_partial_fc():
     from core.config import load_config
-    from train import build_classifier
+    from objectives.classification import build_classifier
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "base.yaml", ["head.interclass_filtering_threshold=0.4"])

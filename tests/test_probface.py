@@ -24,6 +24,7 @@ from data.verification import load_bin
 from evaluation.embedders import load_embedder
 from losses.probface import attention_distance
 from mining import PKSampler
+from objectives.probface import build_uncertainty
 from probface import fusion, plot, risk
 from probface.embedder import extract_uncertain, load_probface
 from probface.loss import ProbFaceLoss
@@ -105,15 +106,15 @@ def test_uncertainty_batchnorm_is_probfaces_epsilon_and_moving_average():
 def test_the_uncertainty_bn_momentum_comes_from_the_config():
     backbone = build_backbone("mbf", embedding_size=8, input_size=32)
     settings = ["model.backbone=mbf", "model.embedding_size=8", "model.input_size=32"]
-    default = train.build_uncertainty(load_config(PROBFACE, settings), backbone)
+    default = build_uncertainty(load_config(PROBFACE, settings), backbone)
     assert default.bn1.momentum == default.bn2.momentum == pytest.approx(0.005)
-    short = train.build_uncertainty(
+    short = build_uncertainty(
         load_config(PROBFACE, [*settings, "model.uncertainty_bn_momentum=0.1"]), backbone
     )
     assert short.bn1.momentum == short.bn2.momentum == pytest.approx(0.1)
     bad = load_config(PROBFACE, [*settings, "model.uncertainty_bn_momentum=0"])
     with pytest.raises(ConfigError, match=r"model.uncertainty_bn_momentum must be in \(0, 1\], got 0"):
-        train.build_uncertainty(bad, backbone)
+        build_uncertainty(bad, backbone)
 
 
 @pytest.mark.parametrize("arch", ["mbf", "r18"])

@@ -52,11 +52,10 @@ def test_diversity_prototypes_follow_the_rule_written_out(rule):
     labels = torch.tensor([3, 7, 3, 11, 7, 3, 20, 11, 5, 7, 3, 20])  # classes repeat within the batch
     embeddings = torch.randn(len(labels), dim)
     classifier = PartialFC("arcface", dim, num_classes, init_seed=0)
-    classifier.keep_cosines = True
-    classifier(embeddings, labels)
+    cosines = classifier.scores(embeddings, labels, keep_cosines=True).cosines
     selected = np.array([3, 7, 20])
     miner = ClosenessDiversityMiner({}, negatives=negatives, prototype_rows=rule)
-    got = miner.prototypes(classifier, selected, labels, torch.device("cpu"))
+    got = miner.prototypes(classifier, cosines, selected, labels, torch.device("cpu"))
 
     weight = classifier.head.weight.detach()
     cos = (F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).T).numpy()
@@ -75,14 +74,13 @@ def test_seed_prototype_rule_is_the_default_and_bad_rule_is_refused():
 
 
 def test_cd_prototypes_key_reaches_the_miner():
-    import train
+    from objectives.base import TrainingData
+    from objectives.classification import build_miner
 
-    class Classifier:
-        keep_cosines = False
-
+    data = TrainingData(np.zeros(0, dtype=np.int64), 0, dict, None, None, torch.device("cpu"))
     for rule in ("last", "all"):
         cfg = load_config(CONFIGS / "recipes" / "cd_stage2.yaml", [f"mining.cd_prototypes={rule}"])
-        assert train.build_miner(cfg, {}, Classifier()).prototype_rows == rule
+        assert build_miner(cfg, data).prototype_rows == rule
     assert load_config(CONFIGS / "recipes" / "cd_stage2.yaml").mining.cd_prototypes == "last"
 
 

@@ -22,6 +22,7 @@ from data.verification import read_bin_raw
 from face_alignment import align_face
 from face_alignment.detector import Face
 from mining.closeness_diversity import is_mining_step
+from objectives.classification import Classification, build_classifier, build_criterion
 from tests.synthetic_faces import write_identity_folder
 from validation_megaface.protocol import rank1_identification, score_megaface
 
@@ -85,7 +86,7 @@ def test_the_masked_recipes_focal_loss_is_the_fyps_whose_class_weights_cancel():
     assert cfg.loss.name == "focal" and cfg.loss.class_weights == "none"
     counts = np.array([3, 40, 7, 120, 15])
     data_labels = np.repeat(np.arange(5), counts)
-    loss = train.build_loss(cfg, data_labels, num_classes=5)
+    loss = build_criterion(cfg, data_labels, num_classes=5)
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(12, 5, generator=generator, dtype=torch.float64) * 8
     labels = torch.randint(0, 5, (12,), generator=generator)
@@ -102,7 +103,7 @@ def test_the_masked_recipes_focal_loss_is_the_fyps_whose_class_weights_cancel():
     weighted = load_config(
         RECIPES / "masked_arcface_focal.yaml", ["loss.class_weights=inverse_log_frequency"]
     )
-    assert abs(float(train.build_loss(weighted, data_labels, 5)(logits, labels)) - float(expected)) > 0.01
+    assert abs(float(build_criterion(weighted, data_labels, 5)(logits, labels)) - float(expected)) > 0.01
 
 
 def test_the_masked_arcface_recipe_names_the_fyps_backbone_which_the_framework_lacks():
@@ -202,9 +203,9 @@ def test_compare_heads_can_run_adaface_with_the_centres_of_the_readme_rows():
 
     demo = ROOT / "configs" / "demo_cpu.yaml"
     for head in ("adaface", "frabsm"):
-        now = train.build_classifier(load_config(demo, HEADS[head]), num_classes=4)
+        now = build_classifier(load_config(demo, HEADS[head]), num_classes=4)
         before = load_config(demo, [*HEADS[head], "head.params.init=normal_0.01"])
-        assert now.head.init == "unit" and train.build_classifier(before, 4).head.init == "normal_0.01"
+        assert now.head.init == "unit" and build_classifier(before, 4).head.init == "normal_0.01"
 
 
 # ----------------------------------------------------------------------------------- MegaFace protocol
@@ -303,7 +304,9 @@ def test_mining_steps_are_the_method_codes():
 def test_train_py_mines_on_steps_0_and_3(tmp_path, monkeypatch):
     faces = write_identity_folder(tmp_path / "faces", identities=6, per_identity=4)
     mined: list[int] = []
-    monkeypatch.setattr(train, "add_mined_gradient", lambda run, labels: mined.append(run.step))
+    monkeypatch.setattr(
+        Classification, "add_mined_gradient", lambda self, context, batch: mined.append(context.step)
+    )
     settings = [
         f"data.root={faces}", f"output_dir={tmp_path / 'run'}", "data.image_size=32", "data.batch_size=8",
         "data.num_workers=0", "data.val_root=", "model.embedding_size=32", "train.max_steps=4",

@@ -204,9 +204,10 @@ def test_a_resumed_run_draws_from_the_global_generators_what_an_uninterrupted_on
     process whose generators are elsewhere, the run ends with the same weights, bit for bit."""
     real = train.forward_loss
 
-    def forward_loss(run, images, labels):  # a loss scaled by one draw of each global generator
+    def forward_loss(run, *batch):  # a loss scaled by one draw of each global generator
         draws = torch.rand(()).item() + float(np.random.rand()) + random.random()
-        return real(run, images, labels) * (1.0 + draws)
+        result = real(run, *batch)
+        return result._replace(loss=result.loss * (1.0 + draws))
 
     monkeypatch.setattr(train, "forward_loss", forward_loss)
     settings = ("data.batch_size=8", "model.input_size=16", "model.dropout=0.2", "head.sample_rate=0.5",
@@ -291,9 +292,9 @@ def test_non_finite_losses_are_skipped_then_abort(faces, tmp_path, monkeypatch):
     real = train.forward_loss
     poisoned: set[int] = {3}
 
-    def forward_loss(run, images, labels):
-        loss = real(run, images, labels)
-        return loss * float("nan") if run.step in poisoned else loss
+    def forward_loss(run, *batch):
+        result = real(run, *batch)
+        return result._replace(loss=result.loss * float("nan")) if run.state.step in poisoned else result
 
     monkeypatch.setattr(train, "forward_loss", forward_loss)
     cfg = load_config(
@@ -304,17 +305,17 @@ def test_non_finite_losses_are_skipped_then_abort(faces, tmp_path, monkeypatch):
     real_step = train.train_step
 
     def train_step(run, batches):
-        if run.step == 3:
+        if run.state.step == 3:
             before.update({k: v.clone() for k, v in run.backbone.state_dict().items()})
         loss = real_step(run, batches)
-        if run.step == 3:
+        if run.state.step == 3:
             after = run.backbone.state_dict()
             assert all(torch.equal(before[k], after[k]) for k in before)  # not even the BN statistics
         return loss
 
     monkeypatch.setattr(train, "train_step", train_step)
     run = train.fit(cfg)
-    assert run.step == 6 and run.skipped_steps == 1
+    assert run.state.step == 6 and run.state.skipped_steps == 1
 
     poisoned.update(range(4, 100))
     cfg = load_config(
@@ -388,14 +389,15 @@ def test_difficulty_scores_move_only_for_the_images_of_the_step(faces, tmp_path)
     )  # fmt: skip
     run = train.fit(cfg)
     initial = DifficultyScores(96, seed=cfg.experiment.seed).scores
-    moved = torch.nonzero(run.difficulty.scores != initial).squeeze(1)
+    scores = run.objective.difficulty.scores
+    moved = torch.nonzero(scores != initial).squeeze(1)
     sampler = GlobalBatchSampler(96, 16, seed=cfg.experiment.seed)
     first_batch = sorted(i for _, i in next(iter(sampler)))
     assert moved.tolist() == first_batch
     # d <- 0.9 d + 0.1 cos: the new scores are cosines' EMA, inside the reachable interval
     low, high = 0.9 * initial[moved] - 0.1, 0.9 * initial[moved] + 0.1
-    assert ((run.difficulty.scores[moved] >= low) & (run.difficulty.scores[moved] <= high)).all()
-    assert torch.equal(load_checkpoint(tmp_path / "d" / "last.pt")["difficulty"], run.difficulty.scores)
+    assert ((scores[moved] >= low) & (scores[moved] <= high)).all()
+    assert torch.equal(load_checkpoint(tmp_path / "d" / "last.pt")["difficulty"], scores)
 
 
 def test_a_weights_only_checkpoint_is_refused_for_resume(faces, tmp_path, capsys):
@@ -471,11 +473,13 @@ def test_non_finite_embeddings_go_through_the_guard(faces, tmp_path, monkeypatch
     real = train.network_input
     poisoned: set[int] = {1}
     monkeypatch.setattr(
-        train, "network_input", lambda run, x: real(run, x) * (math.nan if run.step in poisoned else 1.0)
+        train,
+        "network_input",
+        lambda run, x: real(run, x) * (math.nan if run.state.step in poisoned else 1.0),
     )
     settings = ("data.batch_size=8", "model.input_size=16", "train.max_steps=4")
     run = train.fit(load_config(CONFIG, overrides(faces["small"], tmp_path / "a", *settings)))
-    assert run.step == 4 and run.skipped_steps == 1
+    assert run.state.step == 4 and run.state.skipped_steps == 1
     assert nonfinite_entry(load_checkpoint(tmp_path / "a" / "last.pt")) is None  # BN statistics restored
 
     poisoned.update(range(2, 100))
@@ -497,7 +501,7 @@ def test_a_checkpoint_holding_nan_or_inf_is_not_written(faces, tmp_path, monkeyp
 
     def train_step(run, batches):
         loss = real(run, batches)
-        if run.step == 1:  # the second step, before its save
+        if run.state.step == 1:  # the second step, before its save
             written.update({p.name: p.read_bytes() for p in (out / "step_1.pt", out / "last.pt")})
             name, buffer = next((n, b) for n, b in run.backbone.named_buffers() if n.endswith("running_var"))
             buffer[0] = math.inf
