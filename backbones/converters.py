@@ -1,7 +1,7 @@
 """Backbone weights of other frameworks as checkpoints of this one.
 
-* insightface arcface_torch ``model.pt``: a state dict in exactly our IResNet layout (a DDP ``module.``
-  prefix is removed); RGB input.
+* insightface arcface_torch ``model.pt``: a state dict in exactly our IResNet, MobileFaceNet or ViT layout
+  (a DDP ``module.`` prefix is removed); RGB input.
 * AdaFace (PyTorch Lightning ``.ckpt``): the backbone under ``state_dict`` with a ``model.`` prefix (the
   classifier under ``head.``, dropped), in AdaFace's IR naming (``input_layer``, ``body.N.res_layer``,
   ``output_layer``); BGR input. AdaFace's IR blocks are insightface's IBasicBlock (BN, conv, BN, PReLU,
@@ -125,7 +125,11 @@ def convert(source: str, path: str | os.PathLike[str], out: str | os.PathLike[st
     """Convert ``path`` (``source`` insightface | adaface) to a checkpoint of backbone ``arch`` at ``out``."""
     state = load_source(path)
     converted = from_insightface(state) if source == "insightface" else from_adaface(state, arch)
-    embedding_size = converted["features.running_mean"].shape[0]
+    # the embedding's final BN: IResNet / MobileFaceNet ``features``, ViT ``feature.3``
+    final_bn = next((k for k in ("features.running_mean", "feature.3.running_mean") if k in converted), None)
+    if final_bn is None:
+        raise ConversionError(f"{path}: no features.running_mean or feature.3.running_mean (embedding BN)")
+    embedding_size = converted[final_bn].shape[0]
     model = build_backbone(arch, embedding_size=embedding_size)
     try:
         model.load_state_dict(converted, strict=True)
@@ -146,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("source", choices=["insightface", "adaface"])
     parser.add_argument("weights", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--arch", required=True, help="our backbone name: r18, r34, r50, r100, r200")
+    parser.add_argument("--arch", required=True, help="our backbone name: r18 ... r200, mbf, vit_t ... vit_h")
     args = parser.parse_args(argv)
     try:
         path = convert(args.source, args.weights, args.out, args.arch)

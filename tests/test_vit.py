@@ -23,7 +23,9 @@ from torch import nn
 
 import train
 from backbones import BACKBONES, build_backbone
+from backbones.converters import ConversionError, convert
 from backbones.vit import SIZES, Attention, DropPath, VisionTransformer
+from core.checkpoint import load_checkpoint
 from core.config import OptimConfig, ScheduleConfig, load_config
 from core.extract import extract
 from core.optim import build_optimizer, build_scheduler
@@ -149,6 +151,20 @@ def test_train_mode_embeddings_equal_arcface_torch(reference_vit_t):
     expected = torch.tensor(EMBEDDINGS["train"])
     assert_close_scaled(out, expected, rtol=KERNEL_RTOL)
     assert (other_draw - expected).abs().max() > 100 * KERNEL_RTOL * expected.abs().max()
+
+
+def test_arcface_torch_vit_model_pt_converts_to_a_checkpoint(reference_vit_t, tmp_path):
+    # a model.pt saved from DDP, as arcface_torch's train_v2.py writes it
+    state = {f"module.{k}": v for k, v in reference_vit_t.state_dict().items()}
+    torch.save(state, tmp_path / "model.pt")
+    out = convert("insightface", tmp_path / "model.pt", tmp_path / "ours.pt", "vit_t")
+    ckpt = load_checkpoint(out)
+    assert ckpt["meta"]["arch"] == "vit_t" and ckpt["meta"]["embedding_size"] == 512
+    assert all(torch.equal(ckpt["backbone"][k], v) for k, v in reference_vit_t.state_dict().items())
+    del state["module.feature.3.running_mean"]
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ConversionError, match=r"broken.pt: no features.running_mean or feature.3.running"):
+        convert("insightface", tmp_path / "broken.pt", tmp_path / "x.pt", "vit_t")
 
 
 # --- attention ------------------------------------------------------------------------------------
