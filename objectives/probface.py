@@ -15,13 +15,9 @@ from typing import Any
 from torch import nn
 
 from core.config import Config, ConfigError
-from losses import LOSSES
 from objectives.base import OBJECTIVES, TrainingData, check_fits, require_entry
 from objectives.metric import Metric, check_pk_settings
 from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size, has_feature_output
-
-if "probface" not in LOSSES:  # registered in losses/ once ProbFaceLoss moves there
-    import probface.loss  # noqa: F401
 
 
 def build_uncertainty(cfg: Config, backbone: nn.Module) -> UncertaintyModule:

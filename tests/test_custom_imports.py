@@ -257,3 +257,61 @@ def test_set_mistakes_are_blamed_on_the_argument(setting, message):
         load_config(ROOT / "configs" / "cpu_tiny.yaml", [setting])
     assert str(err.value).startswith(f"--set {setting}: "), err.value
     assert message in str(err.value)
+
+
+def test_the_documented_objective_trains_through_train_py(user_dir, faces, tmp_path):
+    """my_objective.py of README_TRAIN, named by ``custom_imports`` and chosen by ``objective.name``: the
+    step-1 loss train.py logs is the supervised contrastive loss of the docs, recomputed here (float64, one
+    image at a time) from the checkpoint's backbone on the batch, which is all 32 images (8 identities x
+    4 images per PK batch)."""
+    config = write_yaml(
+        user_dir / "my_objective.yaml",
+        {
+            "_base_": str(ROOT / "configs" / "cpu_tiny.yaml"),
+            "custom_imports": ["my_backbone.py", "my_objective.py"],
+            "objective": {"name": "supcon", "params": {"temperature": 0.2}},
+            "head": {"name": "none"},
+            "data": {"image_size": 32, "batch_size": 32, "num_workers": 0, "sampler": "pk", "pk_k": 4,
+                     "augment": {"flip": 0.0}},
+            "model": {"backbone": "tiny_cnn", "embedding_size": 16},
+            "schedule": {"warmup_epochs": 0.0},
+            "optim": {"lr": 1e-9},  # the checkpoint holds the weights of the logged step
+            "train": {"epochs": 1, "max_steps": 1, "log_every": 1, "val_every": 0, "save_every": 0},
+        },
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert train.main(["--config", str(config), "--set", f"data.root={faces}", f"output_dir={out}"]) == 0
+    log = (out / "train.log").read_text()
+    assert "tiny_cnn + supcon (temperature 0.2): 32 images, 8 classes" in log
+    state = load_checkpoint(out / "last.pt")
+    assert state["config"]["objective"] == {"name": "supcon", "params": {"temperature": 0.2}}
+    assert state["head"] == {} and state["meta"]["head"] == "none"
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    (logged,) = [e.value for e in events.Scalars("train/loss") if e.step == 1]
+    (positives,) = [e.value for e in events.Scalars("loss/positives_per_image") if e.step == 1]
+    assert positives == 3.0  # each image's 3 others of its identity
+
+    source = ImageFolderFaces(faces)
+    images = torch.stack(
+        [torch.from_numpy(decode_face(source[i][0], 32).transpose(2, 0, 1).copy()) for i in range(32)]
+    )
+    labels = source.labels()
+    backbone = build_backbone("tiny_cnn", embedding_size=16, input_size=32)
+    backbone.load_state_dict(state["backbone"])
+    with torch.no_grad():
+        z = F.normalize(backbone.train()(normalize_batch(images)).double(), dim=1)
+    terms = []
+    for i in range(len(z)):
+        others = [j for j in range(len(z)) if j != i]
+        log_norm = torch.logsumexp(torch.stack([z[i] @ z[j] / 0.2 for j in others]), 0)
+        positive = [float(z[i] @ z[p] / 0.2 - log_norm) for p in others if labels[p] == labels[i]]
+        terms.append(-sum(positive) / len(positive))
+    expected = sum(terms) / len(terms)
+    # float32 training vs this float64 recomputation (sums in another order)
+    assert logged == pytest.approx(expected, rel=1e-4), (logged, expected)
+    # its check_config refuses what it cannot train with, before the data is read
+    with pytest.raises(
+        ConfigError, match=r"^--set data.sampler=random: supcon needs several images per identity"
+    ):
+        train.check_settings(load_config(config, ["data.sampler=random"]))
