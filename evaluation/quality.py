@@ -448,7 +448,7 @@ def plot_edc(results: Mapping[str, Any], path: Path, title: str, limit: float) -
     from matplotlib.figure import Figure
 
     panels = {fmr: r for fmr, r in results.items() if "omitted" not in r}
-    fig = Figure(figsize=(5.2 * max(1, len(panels)), 4.2))
+    fig = Figure(figsize=(5.6 * max(1, len(panels)), 4.6))
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
     right = min(1.0, 2 * limit)
     for ax, (fmr, r) in zip(axes, panels.items(), strict=False):
@@ -458,7 +458,7 @@ def plot_edc(results: Mapping[str, Any], path: Path, title: str, limit: float) -
                     label=f"{name} (pAUC {q['pauc']:.4f})")  # fmt: skip
         ax.plot([0, right * 100], [r["fnmr"] * 100] * 2, "k--", lw=1,
                 label=f"random (pAUC {r['random']['pauc']:.4f})")  # fmt: skip
-        ax.axvline(limit * 100, color="grey", ls=":", lw=1)
+        ax.axvline(limit * 100, color="grey", ls=":", lw=1, label=f"pAUC limit {limit * 100:g}%")
         ax.set_xlim(0, right * 100)
         ax.set_ylim(0, r["fnmr"] * 100 * 1.15 or 1)
         ax.set_xlabel("genuine pairs discarded (%)")
@@ -466,7 +466,7 @@ def plot_edc(results: Mapping[str, Any], path: Path, title: str, limit: float) -
         ax.set_title(f"FMR {fmr} (threshold {r['threshold']:.3f})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_write(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100)

@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if out is not None:
                 check_writable(out)  # before any work, not after
         results, dump = evaluate(args)
-        title = f"{results['set']}: EDC of {args.model.name}, pair quality = min of the two images'"
+        title = f"{results['set']}: EDC of {args.model.name}\npair quality = min of the two images' qualities"
         color = results["settings"]["color"].upper()
         counts = f"{results['pairs']} pairs ({results['genuine']} genuine, {results['impostors']} impostor)"
         print(f"{results['set']}: {counts}; {args.model.name}, {color} input, fusion {args.fusion}")

@@ -160,9 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_writable(out)
         results, dump = evaluate(args)
         name = DATASETS[results["set"]][0]
-        title = (
-            f"{name} 1:1: EDC of {args.model.name} ({results['settings']['mode']}), template quality = mean"
-        )
+        title = f"{name} 1:1: EDC of {args.model.name} ({args.mode})\ntemplate quality = mean of its images'"
         counts = f"{results['pairs']} template pairs ({results['genuine']} genuine)"
         print(f"{name}: {counts} of {results['templates']} templates; {args.model.name}, {args.mode}")
         print(format_report(results["edc"], args.discard_limit))
