@@ -11,8 +11,9 @@ raw photo of each image), saved by
         --color bgr --bin ../shared/data/lfw_yunet112.bin --photos ../shared/data/lfw_color150 \
         --pairs ../shared/data/lfw_pairs.txt --quality norm detector --dump lfw.npz
 
-as ``fixtures/quality/lfw_mobilefacenet.npz`` (float32); the command-line test runs that same pipeline on
-18 of those pairs and must reproduce the saved values.
+its ``scores``, ``genuine``, ``image_norm`` and ``image_detector`` as ``scores``, ``genuine``, ``norm`` and
+``detector`` of ``fixtures/quality/lfw_mobilefacenet.npz`` (float32); the command-line test runs that same
+pipeline on 18 of those pairs and must reproduce the saved values.
 """
 
 from __future__ import annotations
@@ -312,32 +313,49 @@ def test_detector_quality_needs_the_photos(small_lfw, capsys):
 # ----------------------------------------------------------------------------------------- sigma^2
 
 
-def test_sigma2_quality_is_minus_the_mean_variance_of_the_probface_checkpoint(small_lfw, tmp_path):
+@pytest.fixture(scope="module")
+def probface_ckpt(small_lfw, tmp_path_factory) -> Path:
+    """A ProbFace checkpoint (MobileFaceNet 16-d on 32 x 32 inputs, per-dimension sigma^2) of random
+    weights, its BN statistics set from the small set's faces so that each face has its own last map."""
     from backbones import build_backbone
     from core.checkpoint import save_checkpoint
     from data.transforms import normalize_batch
     from data.verification import load_bin
-    from probface.embedder import load_probface
     from probface.model import UncertaintyModule, conv_final_size
 
     torch.manual_seed(0)
     backbone = build_backbone("mbf", embedding_size=16, input_size=32)
     uncertainty = UncertaintyModule(conv_final_size(backbone, 32), "per_dim", 16)
     images = load_bin(small_lfw["root"] / "lfw.bin").images
-    with torch.no_grad():  # BN statistics of these faces, so that each face has its own last map
+    with torch.no_grad():
         for bn in (m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
             bn.momentum = None
         backbone.train()(normalize_batch(torch.from_numpy(images), "rgb", 32))
         backbone.eval()
     meta = {"arch": "mbf", "embedding_size": 16, "input_size": 32, "color": "rgb", "uncertainty": "per_dim"}
-    ckpt = save_checkpoint(tmp_path / "probface.pt", {"meta": meta, "backbone": backbone.state_dict(),
-                                                      "uncertainty": uncertainty.state_dict()})  # fmt: skip
-    argv = ["--model", str(ckpt), "--bin", str(small_lfw["root"] / "lfw.bin"), "--quality", "sigma2", "norm",
-            "--probface", str(ckpt), "--fusion", "none", "--fmr", "0.1", "--dump", str(tmp_path / "d.npz"),
+    state = {"meta": meta, "backbone": backbone.state_dict(), "uncertainty": uncertainty.state_dict()}
+    return save_checkpoint(tmp_path_factory.mktemp("probface") / "probface.pt", state)
+
+
+def minus_mean_sigma2(ckpt: Path, images: np.ndarray) -> np.ndarray:
+    """-(mean over dimensions of sigma^2) of uint8 RGB faces (N, 3, H, W), straight from the checkpoint."""
+    from probface.embedder import load_probface
+
+    _, sigma2 = load_probface(ckpt)(torch.from_numpy(images))
+    return -sigma2.double().mean(1).numpy()
+
+
+def test_sigma2_quality_is_minus_the_mean_variance_of_the_probface_checkpoint(
+    small_lfw, probface_ckpt, tmp_path
+):
+    from data.verification import load_bin
+
+    ckpt = str(probface_ckpt)
+    argv = ["--model", ckpt, "--bin", str(small_lfw["root"] / "lfw.bin"), "--quality", "sigma2", "norm",
+            "--probface", ckpt, "--fusion", "none", "--fmr", "0.1", "--dump", str(tmp_path / "d.npz"),
             "--device", "cpu"]  # fmt: skip
     assert hq_quality.main(argv) == 0
-    _, sigma2 = load_probface(ckpt)(torch.from_numpy(images))
-    expected = -sigma2.double().mean(1).numpy()
+    expected = minus_mean_sigma2(probface_ckpt, load_bin(small_lfw["root"] / "lfw.bin").images)
     with np.load(tmp_path / "d.npz") as dump:
         np.testing.assert_allclose(dump["image_sigma2"], expected, rtol=1e-5)
         assert np.ptp(dump["image_sigma2"]) > 0
@@ -408,3 +426,42 @@ def test_ijb_command_scores_saved_features_with_template_qualities(tmp_path):
     t, above = direct_threshold(scores[2:], 0.34)
     assert r["threshold"] == pytest.approx(t, rel=1e-6) and r["false_matches"] == above
     assert r["fnmr"] == np.mean(scores[:2] <= t)
+
+
+def test_ijb_sigma2_quality_from_the_aligned_photos(small_lfw, probface_ckpt, tmp_path):
+    import shutil
+
+    from validation_ijb.dataset import AlignedFaces
+    from validation_ijb.meta import load_ijb
+
+    root = write_ijb(tmp_path / "ijb")
+    crops = root / "IJBC" / "loose_crop"
+    crops.mkdir()
+    photos = hq_quality.pair_photos(small_lfw["root"] / "pairs.txt", small_lfw["photos"])[0][:8]
+    for i, photo in enumerate(photos, 1):
+        shutil.copyfile(photo, crops / f"{i}.jpg")
+    m = load_ijb(root, "ijbc", ("1:1",))
+    rng = np.random.default_rng(4)
+    features = tmp_path / "features.npz"
+    original, flipped = rng.normal(size=(2, 8, 8)).astype(np.float32)
+    np.savez(features, names=m.names, landmarks=m.landmarks, original=original, flipped=flipped)
+    argv = ["--model", str(features), "--data-root", str(root), "--quality", "sigma2", "--fmr", "0.34"]
+    argv += [
+        "--probface",
+        str(probface_ckpt),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--dump",
+        str(tmp_path / "d.npz"),
+    ]
+    assert ijb_quality.main(argv) == 0
+    faces = AlignedFaces(m.image_paths, m.landmarks)
+    expected = minus_mean_sigma2(probface_ckpt, np.stack([faces[i] for i in range(8)]))
+    templates = {1: [0, 1], 2: [2, 3], 3: [4, 5], 4: [6, 7]}
+    pairs = [(1, 2), (3, 4), (1, 3), (2, 4), (1, 4)]
+    with np.load(tmp_path / "d.npz") as dump:
+        np.testing.assert_allclose(dump["image_sigma2"], expected, rtol=1e-5)
+        pair_q = [min(expected[templates[a]].mean(), expected[templates[b]].mean()) for a, b in pairs]
+        np.testing.assert_allclose(dump["pair_sigma2"], pair_q, rtol=1e-5)
