@@ -81,7 +81,7 @@ from data.decode import DecodeError
 from data.sampler import GlobalBatchSampler, KeyedFaceDataset, PKBatchSampler
 from data.transforms import FaceDataset, normalize_batch
 from data.verification import VerificationFileError, VerificationSet, load_bin
-from objectives import Objective, StepContext, TrainingData, TrainingError, build_objective, objective_class
+from objectives import Objective, StepContext, TrainingData, TrainingError, objective_class
 from objectives.base import check_fits
 from validation_hq.evaluate import score
 
@@ -303,8 +303,7 @@ def build(cfg: Config, device: torch.device) -> Run:
     backbone = build_model(cfg)
     if cfg.model.pretrained:
         load_pretrained(cfg, backbone)
-    objective = build_objective(cfg, backbone, data)
-    assert isinstance(objective, objective_cls)
+    objective = objective_cls(cfg, backbone, data, **cfg.objective.params)
     backbone = backbone.to(device)
     if cfg.model.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)

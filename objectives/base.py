@@ -42,7 +42,8 @@ from losses import LOSSES
 
 OBJECTIVES = Registry("objective")
 
-# The objective ``objective.name: auto`` picks, by (head.name is none, model.uncertainty is set).
+# The objectives ``objective.name: auto`` chooses among (by head.name and model.uncertainty, see
+# :func:`objective_name`); naming one of them explicitly must agree with those keys.
 BUILT_IN = ("classification", "metric", "probface")
 
 
