@@ -43,15 +43,18 @@ class ViTSize:
 
 
 # arcface_torch recognition/arcface_torch/backbones/__init__.py get_model (the *_dp005_* names are the
-# WebFace42M settings its configs name); vit_l is its only large setting, vit_l_dp005_mask_005.
+# WebFace42M settings its configs name); vit_l is its only large setting, vit_l_dp005_mask_005. The mask ratio
+# is the fraction its training actually drops: get_model passes 0.05 to the two *_mask_005 settings, but its
+# forward_features calls random_masking without it, whose default 0.1 applies to every ratio above 0 (vit.py
+# L224, L260), so those settings train on 129 of 144 tokens there and here.
 SIZES = {
     "vit_t": ViTSize(256, 12, 8, 0.1, 0.1),
     "vit_t_dp005_mask0": ViTSize(256, 12, 8, 0.05, 0.0),
     "vit_s": ViTSize(512, 12, 8, 0.1, 0.1),
     "vit_s_dp005_mask_0": ViTSize(512, 12, 8, 0.05, 0.0),
     "vit_b": ViTSize(512, 24, 8, 0.1, 0.1),
-    "vit_b_dp005_mask_005": ViTSize(512, 24, 8, 0.05, 0.05),
-    "vit_l": ViTSize(768, 24, 8, 0.05, 0.05),
+    "vit_b_dp005_mask_005": ViTSize(512, 24, 8, 0.05, 0.1),
+    "vit_l": ViTSize(768, 24, 8, 0.05, 0.1),
     "vit_h": ViTSize(1024, 48, 8, 0.1, 0.0),
     # Not arcface_torch's: a size that trains on a CPU in the tests and the docs' tiny runs.
     "vit_xs": ViTSize(96, 4, 4, 0.0, 0.1),
