@@ -298,6 +298,7 @@ def build(cfg: Config, device: torch.device) -> Run:
         labels=labels, num_classes=faces.num_identities,
         indices_per_identity=faces.source.indices_per_identity, load=load,
         network_input=lambda images: to_network_input(images, cfg, device), device=device,
+        epoch=lambda: state.epoch,
     )  # fmt: skip
     torch.manual_seed(cfg.experiment.seed)  # the same initial weights on every rank
     backbone = build_model(cfg)

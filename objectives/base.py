@@ -61,6 +61,7 @@ class TrainingData:
     load: Callable[[np.ndarray], torch.Tensor]  # dataset positions -> uint8 batch, this epoch's transform
     network_input: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> the network's input, on device
     device: torch.device
+    epoch: Callable[[], int] = lambda: 0  # the epoch being trained (its transforms are keyed by it)
 
 
 @dataclasses.dataclass(frozen=True)

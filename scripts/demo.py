@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import train  # the entry point itself, so the demo runs exactly what users launch
 
-    run_dir = args.out / "run"
+    # the default demo trains in OUT/run; another config (configs/distill_cpu.yaml) in OUT/<its name>
+    default = args.config.resolve() == (PROJECT_ROOT / "configs" / "demo_cpu.yaml").resolve()
+    run_dir = args.out / ("run" if default else args.config.stem)
     sets = [f"data.root={rec}", f"data.val_root={val_root}", f"output_dir={run_dir}", *args.set]
     print(f"[3/5] python train.py --config {args.config} --set {' '.join(sets)} --resume auto")
     status = train.main(["--config", str(args.config), "--set", *sets, "--resume", "auto"])
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print("[4/5] LFW, 6,000 pairs of people not in the training data (10-fold, flip-sum fusion):")
     print(f"      accuracy {lfw['accuracy'] * 100:.2f}% ± {lfw['accuracy_std'] * 100:.2f}, "
           f"VAL@FAR=1e-3 {lfw['val_at_far_1e-3'] * 100:.2f}% after {state['step']} steps")  # fmt: skip
-    curves = plot_learning_curves({"demo": read_scalars(run_dir, CURVES)}, run_dir / "curves.png")
+    label = "demo" if default else run_dir.name
+    curves = plot_learning_curves({label: read_scalars(run_dir, CURVES)}, run_dir / "curves.png")
     import inference
 
     print(f"[5/5] python inference.py --model {run_dir / 'last.pt'}   (the sample photos)")
