@@ -729,15 +729,15 @@ class Check:
             "images": n,
             "batch": batch,
             "flip": True,
-            "embedder": "core.embedders.TorchEmbedder + core.extract.extract",
+            "embedder": "evaluation.embedders.TorchEmbedder + evaluation.extract.extract",
             "ijbc_images": IJBC_IMAGES,
             "align_images": self.sizes["align_images"],
         }
 
         def measure() -> dict[str, Any]:
             from backbones import build_backbone
-            from core.embedders import TorchEmbedder
-            from core.extract import extract
+            from evaluation.embedders import TorchEmbedder
+            from evaluation.extract import extract
 
             torch.manual_seed(0)
             backbone = build_backbone(name, embedding_size=512, input_size=self.sizes["input_size"])

@@ -774,13 +774,8 @@ def test_compiled_ddp_training_step_equals_eager_on_two_gloo_processes(tmp_path)
 
 @pytest.mark.slow
 def test_compiled_extractor_gives_the_eager_features() -> None:
-    try:
-        from evaluation.embedders import TorchEmbedder
-        from evaluation.extract import extract
-    except ImportError:  # before the evaluation layer moved out of core
-        from core.embedders import TorchEmbedder
-        from core.extract import extract
-
+    from evaluation.embedders import TorchEmbedder
+    from evaluation.extract import extract
     from tests.conftest import assert_close_scaled
 
     torch._dynamo.reset()
