@@ -16,6 +16,7 @@ import pickle
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,10 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
 
 
 def load_weights(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", what: str = "model file"
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    what: str = "model file",
+    mmap: bool = False,
 ) -> Any:
     """The contents of a PyTorch file (a checkpoint, a state dict), read with ``weights_only=True``.
 
@@ -49,7 +53,11 @@ def load_weights(
     words what it should be): missing, a folder, unreadable, empty, truncated or corrupt, not a PyTorch
     file, or refused because it names a Python object other than tensors and plain containers (a pickled
     model, or code that would run on loading). torch's advice to retry with ``weights_only=False`` is not
-    passed on: such a file is refused on purpose."""
+    passed on: such a file is refused on purpose.
+
+    ``mmap``: tensors stay in the file (memory-mapped, copy on write) until read, so a reader that takes a
+    slice of a large tensor (a rank's block of Partial FC centres) holds only those rows; files of the
+    legacy (non-zip) format are read whole."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: {what} not found")
@@ -60,7 +68,8 @@ def load_weights(
             raise CheckpointError(f"{path}: not a readable {what} (an empty file, 0 bytes)")
         with warnings.catch_warnings():  # a foreign pickle's protocol is refused below, not warned about
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            mmap = mmap and zipfile.is_zipfile(path)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except CheckpointError:
         raise
     except OSError as err:
@@ -90,9 +99,11 @@ def _load_failure(err: Exception) -> str:
     return f"not a PyTorch file, or a corrupt one: {detail[:160]}"
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """A checkpoint of this framework (:func:`load_weights`, then its format checked)."""
-    return checked_checkpoint(path, load_weights(path, map_location, what="checkpoint"))
+    return checked_checkpoint(path, load_weights(path, map_location, what="checkpoint", mmap=mmap))
 
 
 def checked_checkpoint(path: str | os.PathLike[str], state: Any) -> dict[str, Any]:

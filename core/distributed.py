@@ -383,6 +383,46 @@ def all_gather_padded(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [g[: int(s.item())] for g, s in zip(gathered, all_sizes, strict=True)]
 
 
+def gather_rows_to_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order (first dimensions may differ), on
+    rank 0 alone and in host memory; None on the other ranks. Without autograd.
+
+    Memory is bounded: rank 0 allocates the result once and receives each rank's rows straight into it
+    (under NCCL through one device buffer of the largest shard); the other ranks send their tensor and
+    allocate nothing but the row count. :func:`all_gather_padded` would give every rank ``world`` shards."""
+    if not is_distributed():
+        return tensor.detach().to("cpu", copy=True)
+    tensor = tensor.detach().contiguous()
+    rows = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(rows) for _ in range(get_world_size())]
+    with _collective("all_gather of the row counts (gather_rows_to_rank0)"):
+        dist.all_gather(counts, rows)
+    sizes = [int(c.item()) for c in counts]
+    if get_rank() != 0:
+        if sizes[get_rank()]:
+            with _collective("send to rank 0 (gather_rows_to_rank0)"):
+                dist.send(tensor, dst=0)
+        return None
+    out = torch.empty((sum(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device="cpu")
+    out[: sizes[0]].copy_(tensor)
+    staged = tensor.device.type != "cpu" or dist.get_backend() == "nccl"
+    buffer = (
+        torch.empty((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        if staged
+        else None
+    )
+    start = sizes[0]
+    for src, n in enumerate(sizes[1:], start=1):
+        if n:
+            target = buffer[:n] if buffer is not None else out[start : start + n]
+            with _collective(f"receive from rank {src} (gather_rows_to_rank0)"):
+                dist.recv(target, src=src)
+            if buffer is not None:
+                out[start : start + n].copy_(target)
+        start += n
+    return out
+
+
 class _AllGather(torch.autograd.Function):
     """Concatenate equal-sized tensors of all ranks; backward returns to each rank the sum over ranks of
     the gradients of its own slice (every rank's loss term depends on every rank's samples)."""

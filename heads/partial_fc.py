@@ -18,8 +18,10 @@ a label-noise duplicate of the sample's own identity and replaced by 0 with no g
 margin, so its logit is 0 and this sample does not push that class away (miners see the same zeroed
 cosine).
 
-``state_dict`` is unsharded (every rank must call it: it gathers the shards) and ``load_state_dict``
-takes an unsharded one, so a checkpoint moves between world sizes.
+``state_dict`` is unsharded (every rank must call it: rank 0 gathers the shards, receiving each into one
+tensor, and the other ranks hold only their own) and ``load_state_dict`` takes an unsharded one, of which
+each rank reads its rows, so a checkpoint moves between world sizes; read with ``mmap``
+(``core.checkpoint.load_checkpoint``), no rank reads more of the file than its rows.
 
 What miners need comes back from :meth:`PartialFC.scores` as values (the target cosines of the global batch;
 on request the shard's cosines, which :meth:`PartialFC.top_negatives` ranks across shards): the class keeps
@@ -34,7 +36,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from core.distributed import all_gather_padded, all_gather_with_grad, all_reduce, get_rank, get_world_size
+from core.distributed import (
+    all_gather_padded,
+    all_gather_with_grad,
+    all_reduce,
+    gather_rows_to_rank0,
+    get_rank,
+    get_world_size,
+)
 from heads.margin import MarginHead, check_inputs, compute_dtype, init_centres
 from heads.registry import HEADS
 
@@ -256,10 +265,23 @@ class PartialFC(nn.Module):
     # -- unsharded checkpoints ----------------------------------------------------------------------
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        """Unsharded: ``weight`` holds all classes; head buffers are the same on every rank."""
+        """Unsharded: ``weight`` holds all classes; head buffers are the same on every rank. Every rank must
+        call it: under several processes rank 0 alone assembles ``weight`` (in host memory, receiving each
+        shard into it: :func:`core.distributed.gather_rows_to_rank0`) and the other ranks get a tensor of
+        the same shape on the ``meta`` device (no data), so no rank but 0 ever holds more than its shard."""
         state = {k: v.detach().clone() for k, v in self.head.state_dict().items() if k != "weight"}
-        state["weight"] = torch.cat(all_gather_padded(self.head.weight.detach()))
+        state["weight"] = self._unsharded(self.head.weight)
         return state
+
+    def _unsharded(self, shard: torch.Tensor) -> torch.Tensor:
+        """All classes' rows of ``shard`` (this rank's rows of a per-class tensor), as :meth:`state_dict`
+        gives them."""
+        if get_world_size() == 1:
+            return shard.detach().clone()
+        full = gather_rows_to_rank0(shard)
+        if full is None:
+            return torch.empty((self.num_classes, *shard.shape[1:]), dtype=shard.dtype, device="meta")
+        return full
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load an unsharded state dict (from any world size): this rank takes its block of classes."""
@@ -270,21 +292,22 @@ class PartialFC(nn.Module):
                 f"expected ({self.num_classes}, {self.embedding_size})"
             )
         local = dict(state_dict)
-        local["weight"] = full[self.class_start : self.class_start + self.num_local]
+        local["weight"] = full[self.class_start : self.class_start + self.num_local]  # reads only these rows
         return self.head.load_state_dict(local, strict=strict, assign=assign)
 
     # -- optimizer state of the shard ---------------------------------------------------------------
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """``optimizer.state_dict()`` with the per-class state of the centres (momentum, Adam moments)
-        gathered to all classes, so it loads at any world size (every rank must call it)."""
+        gathered to all classes, so it loads at any world size (every rank must call it; as in
+        :meth:`state_dict`, rank 0 alone assembles them, the others get ``meta`` tensors)."""
         state = optimizer.state_dict()
         state["state"] = {k: dict(v) for k, v in state["state"].items()}  # never touch the live state
         for index in self._weight_indices(optimizer):
             per_param = state["state"].get(index, {})
             for key, value in per_param.items():
                 if torch.is_tensor(value) and value.shape[:1] == (self.num_local,):
-                    per_param[key] = torch.cat(all_gather_padded(value.detach()))
+                    per_param[key] = self._unsharded(value)
         return state
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -296,7 +319,8 @@ class PartialFC(nn.Module):
         for index in self._weight_indices(optimizer):
             for key, value in state["state"].get(index, {}).items():
                 if torch.is_tensor(value) and value.shape[:1] == (self.num_classes,):
-                    state["state"][index][key] = value[self.class_start : self.class_start + self.num_local]
+                    rows = value[self.class_start : self.class_start + self.num_local]
+                    state["state"][index][key] = rows.clone()  # its own memory, not a view of the file
         optimizer.load_state_dict(state)
 
     def _weight_indices(self, optimizer: torch.optim.Optimizer) -> list[int]:

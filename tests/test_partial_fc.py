@@ -148,7 +148,8 @@ def test_unsharded_checkpoint_moves_from_two_ranks_to_one(tmp_path):
     results = run_two_ranks(tmp_path, "adaface", {})
     saved = results[0]["state"]
     assert saved["weight"].shape == (C, E)
-    torch.testing.assert_close(results[1]["state"]["weight"], saved["weight"])
+    other = results[1]["state"]["weight"]  # rank 0 alone assembles the centres, the others hold no copy
+    assert other.is_meta and other.shape == (C, E)
     weight, x, y = problem()
     torch.testing.assert_close(saved["weight"], weight)  # gathered back in class order
     one = PartialFC("adaface", E, C).double().eval()
@@ -225,7 +226,11 @@ def test_losses_on_sharded_cross_entropy_equal_full_logits(tmp_path, loss_name, 
         torch.testing.assert_close(res["loss"], ref_loss.detach(), atol=1e-6, rtol=0)
         torch.testing.assert_close(res["x_grad"], xr.grad[rank * B : (rank + 1) * B], atol=1e-6, rtol=0)
         # the momentum of every class centre, gathered from both shards, equals the single process's
+        # (assembled on rank 0; the other ranks get shape-only meta tensors)
         momentum = res["optimizer"]["state"][0]["momentum_buffer"]
+        if rank > 0:
+            assert momentum.is_meta and res["init"].is_meta and momentum.shape == res["init"].shape == (C, E)
+            continue
         torch.testing.assert_close(momentum, ref_opt.state[head.weight]["momentum_buffer"], atol=1e-6, rtol=0)
         # centres drawn per block of classes from the seed: the same start at any world size
         torch.testing.assert_close(res["init"], PartialFC("arcface", E, C, init_seed=5).head.weight.double())
