@@ -1,4 +1,4 @@
-"""Distillation from any embedder (``objective.name: distillation``; docs/methods.md §3.14).
+"""Distillation from any embedder (``objective.name: distillation``; docs/methods.md §3.13).
 
 The student (the backbone) learns the features of a teacher, any model the evaluators accept (an ONNX
 file, a checkpoint of this framework, an insightface ``model.pt``, an AdaFace ``.ckpt``; see

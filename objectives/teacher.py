@@ -174,7 +174,7 @@ class Teacher:
                   f"once -> {self.cache_file}", file=sys.stderr)  # fmt: skip
             return extract_dataset(
                 self, UnaugmentedImages(source, self.cfg.data.image_size), self.batch_size, flip=True,
-                num_workers=self.cfg.data.num_workers,
+                num_workers=self.cfg.data.num_workers, progress=f"teacher {self.path.name}",
             )  # fmt: skip
 
         if get_rank() == 0:

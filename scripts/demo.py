@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from core.checkpoint import load_checkpoint
+from core.config import ConfigError, load_config
 from core.fileio import atomic_write
 from core.logbook import read_scalars
 from core.paths import PROJECT_ROOT, shared_data_dir
@@ -97,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import train  # the entry point itself, so the demo runs exactly what users launch
 
-    # the default demo trains in OUT/run; another config (configs/distill_cpu.yaml) in OUT/<its name>
-    default = args.config.resolve() == (PROJECT_ROOT / "configs" / "demo_cpu.yaml").resolve()
-    run_dir = args.out / ("run" if default else args.config.stem)
+    # OUT/<the last part of the config's output_dir>: run for the demo, distill for configs/distill_cpu.yaml
+    try:
+        run_dir = args.out / Path(load_config(args.config).output_dir).name
+    except (ConfigError, OSError) as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 2
     sets = [f"data.root={rec}", f"data.val_root={val_root}", f"output_dir={run_dir}", *args.set]
     print(f"[3/5] python train.py --config {args.config} --set {' '.join(sets)} --resume auto")
     status = train.main(["--config", str(args.config), "--set", *sets, "--resume", "auto"])
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[4/5] LFW, 6,000 pairs of people not in the training data (10-fold, flip-sum fusion):")
     print(f"      accuracy {lfw['accuracy'] * 100:.2f}% ± {lfw['accuracy_std'] * 100:.2f}, "
           f"VAL@FAR=1e-3 {lfw['val_at_far_1e-3'] * 100:.2f}% after {state['step']} steps")  # fmt: skip
-    label = "demo" if default else run_dir.name
+    label = "demo" if run_dir.name == "run" else run_dir.name
     curves = plot_learning_curves({label: read_scalars(run_dir, CURVES)}, run_dir / "curves.png")
     import inference
 

@@ -1,4 +1,4 @@
-"""The distillation objective (objectives/distillation.py, objectives/teacher.py; docs/methods.md §3.14):
+"""The distillation objective (objectives/distillation.py, objectives/teacher.py; docs/methods.md §3.13):
 each loss against a direct computation, the teacher-feature cache (written once, read without the teacher,
 keyed by the teacher file, atomic), the flip lookup and the online teacher against the teacher run on the
 epoch's own images, training through train.py with each kind of teacher, and an exact resume."""
