@@ -83,6 +83,7 @@ from data.transforms import FaceDataset, normalize_batch
 from data.verification import VerificationFileError, VerificationSet, load_bin
 from objectives import Objective, StepContext, TrainingData, TrainingError, objective_class
 from objectives.base import check_fits
+from objectives.ema import ModelEma
 from validation_hq.evaluate import score
 
 # Errors about the user's input (config, data, checkpoint): reported in one line, without a traceback.
@@ -106,6 +107,8 @@ class TrainState:
     best: float = -math.inf  # the best validation result so far (train.best_metric)
     skipped_steps: int = 0  # steps skipped for a non-finite loss or buffer, over the whole run
     validation: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # the latest results
+    # the latest results of the average (train.ema), saved in the checkpoint's ``ema`` entry
+    ema_validation: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     bad_steps: int = 0  # non-finite steps in a row (not saved)
     last_checkpoint: Path | None = None  # the last checkpoint written or resumed (not saved)
 
@@ -150,6 +153,7 @@ class Run:
     val_paths: list[Path]
     state: TrainState
     val_sets: list[VerificationSet] = dataclasses.field(default_factory=list)  # decoded by fit()
+    ema: ModelEma | None = None  # the average of the backbone's weights (train.ema), None when off
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -328,7 +332,18 @@ def build(cfg: Config, device: torch.device) -> Run:
         cfg=cfg, device=device, out=Path(cfg.output_dir), dataset=dataset, sampler=sampler, backbone=backbone,
         objective=objective, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         total_steps=total_steps, val_paths=val_set_paths(cfg), state=state,
+        ema=build_ema(cfg, backbone, device),
     )  # fmt: skip
+
+
+def build_ema(cfg: Config, backbone: nn.Module, device: torch.device) -> ModelEma | None:
+    """The average of ``backbone``'s weights that ``train.ema`` asks for (None when off), on the training
+    device or the CPU, starting from the initial (or pretrained) weights."""
+    ema = cfg.train.ema
+    if not ema.enabled:
+        return None
+    where = torch.device("cpu") if ema.device == "cpu" else device
+    return ModelEma(backbone, ema.decay, ema.warmup, ema.warmup_power, ema.every, device=where)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -426,6 +441,12 @@ def train_step(run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor, t
     else:
         run.optimizer.step()
     run.scheduler.step()
+    if run.ema is not None:
+        # Each rank averages its own backbone. DDP keeps its parameters equal on every rank (the same summed
+        # gradient, the same optimizer step) and a step is skipped on all ranks or none, so the averaged
+        # parameters stay equal with no collective. BN statistics are rank 0's, broadcast by DDP at each
+        # forward, plus this rank's batch: they differ across ranks by as much as the raw backbone's do.
+        run.ema.after_step(run.backbone, state.step + 1)
     return total
 
 
@@ -528,11 +549,15 @@ def report(run: Run, log: Logbook, loss: float, steps: int, elapsed: float) -> N
 # --------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(run: Run) -> dict[str, dict[str, float]]:
-    """10-fold accuracy (docs/methods.md §5.2, flip-sum fusion) on every validation set. Every rank embeds
-    its share of the images and receives all features, so no rank waits on another past the collective
-    timeout."""
-    embedder = TorchEmbedder(run.backbone, run.cfg.data.color, run.device, run.cfg.model.channels_last)
+def evaluate(
+    run: Run, model: nn.Module | None = None, device: torch.device | None = None
+) -> dict[str, dict[str, float]]:
+    """10-fold accuracy (docs/methods.md §5.2, flip-sum fusion) on every validation set, of ``model`` on
+    ``device`` (default: the backbone on the training device; the average of ``train.ema`` where it lives).
+    Every rank embeds its share of the images and receives all features, so no rank waits on another past
+    the collective timeout."""
+    model, device = (run.backbone, run.device) if model is None else (model, device or run.device)
+    embedder = TorchEmbedder(model, run.cfg.data.color, device, run.cfg.model.channels_last)
     results = {}
     for val in run.val_sets:
         original, flipped = extract(embedder, val.images, run.cfg.train.val_batch_size, flip=True, shard=True)
@@ -542,21 +567,31 @@ def evaluate(run: Run) -> dict[str, dict[str, float]]:
 
 
 def validate_and_log(run: Run, log: Logbook) -> bool:
-    """Evaluate, log, and tell whether this is the best result so far (by ``train.best_metric``)."""
+    """Evaluate the backbone (TensorBoard ``val/``) and, with ``train.ema``, its average beside it
+    (``val_ema/``, the log line's ``ema`` part); tell whether this is the best result so far (by
+    ``train.best_metric`` of the weights ``train.ema.select_best`` names)."""
     if not run.val_sets:
         return False
-    results = evaluate(run)
     state = run.state
-    state.validation = results
+    state.validation = evaluate(run)
+    columns = [("val", "", state.validation)]
+    if run.ema is not None:
+        state.ema_validation = evaluate(run, run.ema.module, run.ema.device)
+        columns.append(("val_ema", "ema ", state.ema_validation))
     shown = ("accuracy", "accuracy_std", "val_at_far_1e-3", "feature_norm")
-    for name, metrics in results.items():
-        log.scalars(state.step, {f"val/{name}_{key}": metrics[key] for key in shown})
+    texts = []
+    for section, label, results in columns:
+        for name, metrics in results.items():
+            log.scalars(state.step, {f"{section}/{name}_{key}": metrics[key] for key in shown})
+        mean = float(np.mean([m["accuracy"] for m in results.values()]))
+        log.scalars(state.step, {f"{section}/mean_accuracy": mean})
+        table = " ".join(
+            f"{n} {m['accuracy'] * 100:.2f}±{m['accuracy_std'] * 100:.2f}" for n, m in results.items()
+        )
+        texts.append(f"{label}{table} mean {mean * 100:.2f}")
+    log.line(f"validation step {state.step}: {'; '.join(texts)}")
+    results = state.ema_validation if run.cfg.train.ema.select_best == "ema" else state.validation
     mean = float(np.mean([m["accuracy"] for m in results.values()]))
-    log.scalars(state.step, {"val/mean_accuracy": mean})
-    table = " ".join(
-        f"{n} {m['accuracy'] * 100:.2f}±{m['accuracy_std'] * 100:.2f}" for n, m in results.items()
-    )
-    log.line(f"validation step {state.step}: {table} mean {mean * 100:.2f}")
     metric = mean if run.cfg.train.best_metric == "mean" else results[run.cfg.train.best_metric]["accuracy"]
     if metric > state.best:
         state.best = metric
@@ -578,8 +613,17 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler else None,
         **run.state.state_dict(),  # step, epoch, sampler, train, validation
+        **ema_entry(run),  # the average of train.ema, absent when it is off
         "meta": {**backbone_meta(run.cfg), **run.objective.meta()},
     }
+
+
+def ema_entry(run: Run) -> dict[str, Any]:
+    """The checkpoint's ``ema`` entry (the average's weights, its update count and its latest validation
+    results), or nothing when ``train.ema`` is off, so checkpoints without it keep their layout."""
+    if run.ema is None:
+        return {}
+    return {"ema": {**run.ema.state_dict(), "validation": run.state.ema_validation}}
 
 
 def save(run: Run, log: Logbook, best: bool = False) -> None:
@@ -653,7 +697,35 @@ def resume(run: Run, path: Path) -> str:
     note = f"resumed {path} at epoch {run.state.epoch} step {run.state.step}"
     if changed:
         note += f"; changed since the checkpoint, applied from step {run.state.step}: {', '.join(changed)}"
-    return note
+    return note + resume_ema(run, state)
+
+
+def describe_ema(run: Run) -> str:
+    """The log line of the average's settings (and what averaging a frozen backbone means)."""
+    ema = run.cfg.train.ema
+    warmup = f"power {ema.warmup_power:.4g}" if ema.warmup == "power" else ema.warmup
+    line = (
+        f"train.ema: an average of the backbone's weights, decay {ema.decay:g}, warmup {warmup}, updated "
+        f"every {ema.every} optimizer step{'s' if ema.every > 1 else ''}, on {run.ema.device}, "
+        f"{run.ema.updates} updates so far; best.pt by the {ema.select_best} weights"
+    )
+    if run.cfg.model.freeze_backbone:
+        line += " (model.freeze_backbone: the backbone does not change, so its average equals it)"
+    return line
+
+
+def resume_ema(run: Run, state: dict[str, Any]) -> str:
+    """The checkpoint's average into ``run.ema``; without one (train.ema was off) the average starts from
+    the resumed weights. Returns what the resume line says of it ('' when nothing changes)."""
+    saved = state.get("ema")
+    if run.ema is None:
+        return "; train.ema is off: the checkpoint's average is not carried on" if saved is not None else ""
+    if saved is None:
+        run.ema.restart(run.backbone)
+        return "; the checkpoint holds no train.ema average: it starts from the resumed weights"
+    run.ema.load_state_dict(saved)
+    run.state.ema_validation = saved.get("validation", {})
+    return ""
 
 
 def check_resumable(run: Run, path: Path, state: dict[str, Any]) -> None:
@@ -703,6 +775,9 @@ def check_resumable(run: Run, path: Path, state: dict[str, Any]) -> None:
         )
     check_fits(path, [("backbone", state["backbone"], run.backbone.state_dict(), "model.backbone",
                        cfg.model.backbone)])  # fmt: skip
+    if run.ema is not None and state.get("ema") is not None:
+        check_fits(path, [("train.ema average", state["ema"]["backbone"], run.ema.module.state_dict(),
+                           "model.backbone", cfg.model.backbone)])  # fmt: skip
     run.objective.check_state_fits(state, path)
 
 
@@ -748,6 +823,8 @@ def fit(
             f"{run.dataset.num_identities} classes, {get_world_size()} processes, global batch "
             f"{run.sampler.global_batch}, {run.sampler.steps_per_epoch} steps/epoch, {run.total_steps} steps"
         )
+        if run.ema is not None:
+            log.line(describe_ema(run))
         limit = min(run.total_steps, cfg.train.max_steps or run.total_steps)
         while run.state.step < limit:
             train_one_epoch(run, log, limit)

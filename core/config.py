@@ -380,6 +380,25 @@ class ScheduleConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the backbone's weights (``objectives.ema``), validated beside the
+    trained weights and saved in the checkpoint's ``ema`` entry. After every ``every``-th optimizer step
+    that counts, update n: ema <- d ema + (1 - d) weights, d = 0 for the first update, then ``decay``
+    (``warmup: none``), min(decay, 1 - n^-warmup_power) (``power``, timm's ModelEmaV3) or
+    min(decay, (1 + n) / (10 + n)) (``tf``). Floating-point buffers (BN statistics) are averaged too."""
+
+    enabled: bool = False
+    decay: float = bounded(0.9998, min=0.0, below=1.0)
+    warmup: Literal["none", "power", "tf"] = "power"
+    warmup_power: float = bounded(2 / 3, above=0.0, max=1.0)
+    every: int = bounded(1, min=1)  # optimizer steps between updates
+    # Where the average lives: the training device, or the CPU (saves accelerator memory).
+    device: Literal["device", "cpu"] = "device"
+    # The weights whose validation result picks best.pt (train.best_metric): the trained ones or the average.
+    select_best: Literal["raw", "ema"] = "raw"
+
+
+@dataclass
 class TrainConfig:
     epochs: int = bounded(20, min=1)
     log_every: int = bounded(50, min=1)  # steps between log lines / TensorBoard scalars
@@ -402,6 +421,7 @@ class TrainConfig:
     # Under torchrun: seconds between checks that the launcher is alive; a rank whose launcher is gone
     # stops (0: no check).
     launcher_watch_s: float = bounded(5.0, min=0.0)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass
@@ -753,6 +773,11 @@ def _relations(cfg: Config) -> Iterable[tuple[str, str]]:
                 f"schedule.warmup_epochs must be < train.epochs {cfg.train.epochs} (the warmup would be the "
                 f"whole run), got {cfg.schedule.warmup_epochs:g}"
             ),
+        )
+    if cfg.train.ema.select_best == "ema" and not cfg.train.ema.enabled:
+        yield (
+            "train.ema.select_best",
+            "train.ema.select_best ema needs train.ema.enabled: true (no average to validate)",
         )
     if cfg.head.name == "none" and cfg.head.params:
         yield (

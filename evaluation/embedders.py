@@ -31,6 +31,8 @@ from core.registry import UnknownNameError
 from data.transforms import normalize_batch
 
 DEFAULT_INPUT = (127.5, 127.5)  # (mean, std) of (x - mean) / std on pixels 0..255: NORMALIZATION
+# The weights of a checkpoint to use: the trained ones (``backbone``) or their average (``ema``, train.ema).
+WEIGHTS = ("raw", "ema")
 
 
 class TorchEmbedder:
@@ -44,6 +46,7 @@ class TorchEmbedder:
     """
 
     normalization = NORMALIZATION
+    weights = "raw"  # a checkpoint's trained weights, or "ema": their average (load_embedder sets it)
 
     def __init__(
         self,
@@ -211,20 +214,28 @@ def load_embedder(
     precision: str = "fp32",
     input_mean: float | None = None,
     input_std: float | None = None,
+    weights: str = "raw",
 ) -> TorchEmbedder | OnnxEmbedder:
     """An embedder for ``path``: ``.onnx`` files run with onnxruntime; a checkpoint of this framework
     carries its architecture and colour; any other state dict needs ``backbone``: insightface's ``model.pt``
     (colour default rgb) or AdaFace's Lightning ``.ckpt`` (converted by ``backbones.converters``, colour
     default bgr). ``precision`` (fp32 | bf16 | fp16) is the autocast of a
     PyTorch model (see :class:`TorchEmbedder`); ONNX models run as exported. ``input_mean``/``input_std``
-    override the input scaling an ONNX model is fed (see :class:`OnnxEmbedder`)."""
+    override the input scaling an ONNX model is fed (see :class:`OnnxEmbedder`). ``weights`` picks a
+    checkpoint's trained weights (``raw``, the default) or their average (``ema``, kept with train.ema)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: model file not found")
     if path.is_dir():
         raise ValueError(f"{path}: a folder, not a model file")
     check_precision(precision)
+    if weights not in WEIGHTS:
+        raise ValueError(f"{path}: weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if path.suffix == ".onnx":
+        if weights != "raw":
+            raise ValueError(
+                f"{path}: the weight average (--use-ema) is for checkpoints of this framework, not ONNX"
+            )
         if precision != "fp32":
             raise ValueError(f"{path}: precision {precision} is for PyTorch models; ONNX runs as exported")
         return OnnxEmbedder(path, color, input_mean, input_std)
@@ -234,8 +245,12 @@ def load_embedder(
         )
     state = load_weights(path)  # the one loader of PyTorch files: one-line errors naming the file
     if isinstance(state, dict) and "format_version" in state:
-        model, meta = checkpoint_backbone(path, state)
-        return TorchEmbedder(model, color or meta["color"], device, precision=precision)
+        model, meta = checkpoint_backbone(path, state, weights)
+        embedder = TorchEmbedder(model, color or meta["color"], device, precision=precision)
+        embedder.weights = weights
+        return embedder
+    if weights != "raw":
+        raise ValueError(f"{path}: the weight average (--use-ema) is for checkpoints trained with train.ema")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a Lightning .ckpt (AdaFace)
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
@@ -255,10 +270,12 @@ def load_embedder(
     return TorchEmbedder(model, color or ("bgr" if adaface else "rgb"), device, precision=precision)
 
 
-def checkpoint_backbone(path: str | os.PathLike[str], state: dict) -> tuple[nn.Module, dict]:
+def checkpoint_backbone(
+    path: str | os.PathLike[str], state: dict, weights: str = "raw"
+) -> tuple[nn.Module, dict]:
     """(backbone, meta) of a checkpoint of this framework read from ``path``: the architecture, embedding
-    and input size of its meta, with its weights; anything missing or not fitting is one line naming the
-    file."""
+    and input size of its meta, with its trained weights (``weights`` raw) or their average (``ema``, the
+    checkpoint's ``ema`` entry); anything missing or not fitting is one line naming the file."""
     path = Path(path)
     state = checked_checkpoint(path, state)
     meta = state.get("meta")
@@ -269,6 +286,14 @@ def checkpoint_backbone(path: str | os.PathLike[str], state: dict) -> tuple[nn.M
     model = _backbone(
         path, meta["arch"], embedding_size=meta["embedding_size"], input_size=meta["input_size"]
     )
+    if weights == "ema":
+        average = state.get("ema")
+        if not isinstance(average, dict) or not isinstance(average.get("backbone"), dict):
+            raise ValueError(
+                f"{path}: holds no average of the weights (trained without train.ema); leave out --use-ema"
+            )
+        _load_backbone_weights(path, model, average["backbone"], f"its meta arch {meta['arch']!r} (ema)")
+        return model, meta
     _load_backbone_weights(path, model, state["backbone"], f"its meta arch {meta['arch']!r}")
     return model, meta
 
@@ -298,11 +323,13 @@ def _load_backbone_weights(path: Path, model: nn.Module, state: dict, what: str)
 
 
 def embedder_key(path: str | os.PathLike[str], embedder: TorchEmbedder | OnnxEmbedder) -> str:
-    """A name for cached features: the model file (name, size, mtime), its colour, its precision and,
-    when it is not the default ``(x - 127.5) / 127.5``, its input scaling."""
+    """A name for cached features: the model file (name, size, mtime), its colour, its precision, the
+    checkpoint's average when it is the one evaluated (``_ema``) and, when it is not the default
+    ``(x - 127.5) / 127.5``, its input scaling."""
     stat = Path(path).stat()
     key = f"{Path(path).stem}_{stat.st_size}_{int(stat.st_mtime)}_{embedder.color}"
     key = key if embedder.precision == "fp32" else f"{key}_{embedder.precision}"
+    key = key if getattr(embedder, "weights", "raw") == "raw" else f"{key}_{embedder.weights}"
     scaling = getattr(embedder, "scaling", None)
     if scaling is not None and (scaling.mean, scaling.std) != DEFAULT_INPUT:
         key += f"_in{scaling.mean:g}-{scaling.std:g}"

@@ -49,7 +49,7 @@ def default_device() -> str:
 
 def add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
     """The model options every evaluator takes: ``--model --backbone --color --device --precision``
-    ``--input-mean --input-std``."""
+    ``--input-mean --input-std --use-ema``."""
     parser.add_argument("--model", "--model-prefix", type=Path, required=True,
                         help="checkpoint, insightface model.pt, AdaFace .ckpt or .onnx")  # fmt: skip
     parser.add_argument(
@@ -69,6 +69,11 @@ def add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
              "(its normalization metadata, a Sub/Mul head = 0 and 1), else 127.5 and 127.5",
     )  # fmt: skip
     parser.add_argument("--input-std", type=float, metavar="S", help="ONNX models: S of --input-mean")
+    parser.add_argument(
+        "--use-ema", action="store_true",
+        help="a checkpoint's average of the weights kept with train.ema instead of its trained weights "
+        "(timm's flag); default: the trained weights",
+    )  # fmt: skip
 
 
 def embedder_from_args(args: argparse.Namespace) -> TorchEmbedder | OnnxEmbedder:
@@ -76,6 +81,7 @@ def embedder_from_args(args: argparse.Namespace) -> TorchEmbedder | OnnxEmbedder
     return load_embedder(
         args.model, args.backbone, args.color, args.device, args.precision,
         getattr(args, "input_mean", None), getattr(args, "input_std", None),
+        "ema" if getattr(args, "use_ema", False) else "raw",
     )  # fmt: skip
 
 
@@ -137,6 +143,9 @@ def run_settings(
                      "normalization": getattr(embedder, "normalization", NORMALIZATION)}  # fmt: skip
     else:
         settings["normalization"] = None
+    if getattr(embedder, "weights", "raw") != "raw":
+        # the checkpoint's average (train.ema), not its trained weights
+        settings["weights"] = embedder.weights
     for name in ("fusion", "batch_size", "workers"):
         if hasattr(args, name):
             settings[name] = getattr(args, name)
@@ -154,4 +163,6 @@ def settings_line(settings: dict) -> str:
         parts.append(settings["precision"])
     if "workers" in settings:
         parts.append(f"{settings['workers']} workers")
+    if settings.get("weights"):
+        parts.append(f"{settings['weights']} weights")
     return f"model {settings['model']}: {', '.join(parts)}"

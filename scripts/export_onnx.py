@@ -14,7 +14,9 @@ Only the backbone is exported: input ``data`` (N x 3 x 112 x 112 float, dynamic 
 The export is run by onnxruntime on real aligned faces (the CelebA crops of the data folder, or
 ``--verify-images DIR``) and must match PyTorch within 1e-4 on unit-normalised features; only then is
 ``out.onnx`` written, atomically (a file already there stays as it was when the export or the check fails).
-``CKPT`` is a checkpoint of this framework or a plain state dict (with ``--backbone``).
+``CKPT`` is a checkpoint of this framework or a plain state dict (with ``--backbone``); of a checkpoint
+trained with ``train.ema``, ``--use-ema`` exports the average of the weights instead of the trained
+ones (``raw``, the default).
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--color", choices=["rgb", "bgr"], help="colour order of a plain state dict")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--verify-images", type=Path, help="folder of aligned 112x112 faces for the check")
+    parser.add_argument(
+        "--use-ema",
+        action="store_true",
+        help="export a checkpoint's weight average kept with train.ema (default: its trained weights)",
+    )
     return parser
 
 
@@ -132,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_writable(args.out)  # before the export and its check, not after
     try:
-        embedder = load_embedder(args.checkpoint, backbone=args.backbone, color=args.color)
+        embedder = load_embedder(
+            args.checkpoint,
+            backbone=args.backbone,
+            color=args.color,
+            weights="ema" if args.use_ema else "raw",
+        )
         if not isinstance(embedder, TorchEmbedder):
             raise ValueError(f"{args.checkpoint}: already an exported model")
         faces = real_faces(args.verify_images)
