@@ -67,3 +67,47 @@ def assert_close_scaled(actual, expected, rtol: float, *, scale: str = "max", ms
             f"rtol {rtol:g} x {scale} |expected| {size:.3g} = {bound:.3g} "
             f"({int((diff > bound).sum())} of {e.numel()} elements over)"
         )
+
+
+class ShapesOnly:
+    """Backbone ``name`` built on the meta device and run on fake tensors: every operator computes only the
+    shape and dtype of its result, so a 600 M-parameter network is built and run forward and backward in
+    about a second, with no weights in memory. For the contract (attributes, ``(N, D)`` output, the
+    feature map, which parameters a loss reaches), never for values: numeric properties are checked on a
+    real network. The fake tensors report the CPU as their device, so the backbones' autocast contexts
+    (which refuse the meta device) run as they do on a CPU.
+
+    Backbones whose construction reads values (resface64's truncated-normal init redraws by
+    ``torch.nonzero``) cannot be built this way and raise here.
+    """
+
+    def __init__(self, name: str, **kwargs) -> None:
+        from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+        from backbones import build_backbone
+
+        with torch.device("meta"):
+            self.model = build_backbone(name, **kwargs)
+        self.mode = FakeTensorMode()
+        cpu = torch.device("cpu")
+        self.parameters = {
+            key: FakeTensor(self.mode, p.detach(), cpu).requires_grad_(p.requires_grad)
+            for key, p in self.model.named_parameters()
+        }
+        self.buffers = {key: FakeTensor(self.mode, b, cpu) for key, b in self.model.named_buffers()}
+
+    def input(self, n: int, side: int) -> torch.Tensor:
+        with self.mode:
+            return torch.empty(n, 3, side, side)
+
+    def __call__(self, x: torch.Tensor, **kwargs):
+        with self.mode:
+            return torch.func.functional_call(self.model, {**self.parameters, **self.buffers}, (x,), kwargs)
+
+    def unreached_parameters(self, output: torch.Tensor) -> list[str]:
+        """Trainable parameters that a loss on every coordinate of ``output`` gets no gradient for."""
+        trainable = {key: p for key, p in self.parameters.items() if p.requires_grad}
+        with self.mode:
+            loss = (output * torch.linspace(-1, 1, output.shape[1])).sum()
+            grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+        return [key for key, grad in zip(trainable, grads, strict=True) if grad is None]
