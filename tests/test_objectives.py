@@ -16,8 +16,10 @@ import torch
 import train
 from core.checkpoint import load_checkpoint
 from core.config import ConfigError, load_config
-from core.embedders import load_embedder
+from data.decode import decode_face
+from data.image_folder import ImageFolderFaces
 from data.transforms import normalize_batch
+from evaluation.embedders import load_embedder
 from heads.partial_fc import PartialFC
 from objectives import OBJECTIVES, Objective, TrainingData, build_objective, objective_class, objective_name
 from objectives.classification import Classification
@@ -263,10 +265,9 @@ def test_a_checkpoint_of_the_old_format_resumes_and_trains_on_as_the_old_code_di
 
 def test_a_checkpoint_of_the_old_format_loads_in_an_evaluator_embedder(fixture_faces):
     path = fixture.HERE / "classification_step_5.pt"
-    images = torch.from_numpy(
-        np.stack([np.asarray(__import__("cv2").imread(str(p)))[:, :, ::-1].transpose(2, 0, 1)
-                  for p in sorted(fixture_faces.glob("*/*.jpg"))[:6]])
-    )  # fmt: skip
+    source = ImageFolderFaces(fixture_faces)
+    images = torch.stack([torch.from_numpy(decode_face(source[i][0], 32).transpose(2, 0, 1).copy())
+                          for i in range(6)])  # fmt: skip
     with fixture.registered():
         embedder = load_embedder(path)
         features = embedder(images)
