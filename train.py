@@ -672,7 +672,9 @@ def resume(run: Run, path: Path) -> str:
     since the checkpoint take effect from the resumed step, the optimizer's included: its state (momentum,
     moments) is the checkpoint's, its hyperparameters and base learning rate this run's, the schedule's
     factor taken at the resumed step. Returns the line to log."""
-    state = load_checkpoint(path, map_location=run.device)
+    # memory-mapped: each part copies what it takes (a rank only its block of Partial FC centres and their
+    # optimizer state), so no rank reads the whole unsharded head into memory
+    state = load_checkpoint(path, map_location="cpu", mmap=True)
     check_resumable(run, path, state)
     old = config_to_dict(config_from_dict(state["config"], source=str(path)))
     changed = [f"{s}.{k} {old.get(s, {}).get(k)!r} -> {v[k]!r}"
@@ -683,6 +685,7 @@ def resume(run: Run, path: Path) -> str:
     settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
     base_lrs = list(run.scheduler.base_lrs)
     run.objective.load_optimizer_state_dict(run.optimizer, state["optimizer"])
+    own_copies(run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scheduler.base_lrs = base_lrs
     step = run.scheduler.last_epoch
@@ -726,6 +729,19 @@ def resume_ema(run: Run, state: dict[str, Any]) -> str:
     run.ema.load_state_dict(saved)
     run.state.ema_validation = saved.get("validation", {})
     return ""
+
+
+def own_copies(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Copy the optimizer state tensors that ``optimizer.load_state_dict`` kept as views of the memory-mapped
+    checkpoint (same device and dtype: it does not copy), so the run holds no mapping of a file that
+    ``train.keep_last`` may delete."""
+    mapped = {v.untyped_storage().data_ptr() for s in saved["state"].values() for v in s.values()
+              if torch.is_tensor(v) and v.device.type == "cpu"}  # fmt: skip
+    for per_param in optimizer.state.values():
+        for key, value in per_param.items():
+            on_cpu = torch.is_tensor(value) and value.device.type == "cpu"
+            if on_cpu and value.untyped_storage().data_ptr() in mapped:
+                per_param[key] = value.clone()
 
 
 def check_resumable(run: Run, path: Path, state: dict[str, Any]) -> None:
