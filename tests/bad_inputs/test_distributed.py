@@ -54,7 +54,7 @@ FAULT = textwrap.dedent(
             os.kill(os.getpid(), getattr(signal, os.environ["FAULT_SIGNAL"]))
 
     def train_step(run, micro_batches):
-        step[0] = run.step + 1
+        step[0] = run.state.step + 1
         fault("train_step")
         return real_step(run, micro_batches)
 
