@@ -26,6 +26,7 @@ import torch
 
 from core.cli import error_line, main_guard
 from core.paths import PROJECT_ROOT
+from core.threads import use_threads
 from data.decode import DecodeError, decode_rgb
 from evaluation.embedders import load_embedder
 from face_alignment import YuNetDetector, align_face, find_model, largest_face
@@ -125,6 +126,7 @@ def format_matrix(names: Sequence[str], sim: torch.Tensor) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     paths = args.images or sorted(SAMPLES.glob("*.jpg"))
+    use_threads("batched")  # before the model adds to the machine's load (core.threads)
     try:
         model = args.model or find_model(DEFAULT_MODEL, DEFAULT_MODEL_URL)
         color = args.color or ("bgr" if args.model is None else None)

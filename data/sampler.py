@@ -20,8 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.config import ConfigError
+from core.threads import loader_worker_init
 from data.bad_records import RECORD_ERRORS, BadRecords, ScreenedLoader, describe_error
-from data.transforms import FaceDataset, describe
+from data.transforms import FaceDataset, collate_faces, describe
 
 REPLACEMENT_TRIES = 16  # random images tried for a bad record whose identity has no other readable one
 
@@ -187,8 +188,9 @@ class KeyedFaceDataset(FaceDataset):
         """The training batches ``(images, labels, indices)`` in ``batch_sampler``'s order; bad records are
         reported to :attr:`bad_records` in the main process, whatever the number of workers."""
         loader = DataLoader(
-            _Reports(self), batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory
-        )
+            _Reports(self), batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+            collate_fn=collate_faces, worker_init_fn=loader_worker_init,  # per-sample work: core.threads
+        )  # fmt: skip
         return ScreenedLoader(loader, self.bad_records)
 
 

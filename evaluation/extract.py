@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from core.distributed import all_gather_padded, get_rank, get_world_size
+from core.threads import loader_worker_init
 from data.decode import decode_rgb
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
@@ -83,6 +84,7 @@ def extract_dataset(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_stack_uint8,
+        worker_init_fn=loader_worker_init,  # decode and align with one thread per worker (core.threads)
         persistent_workers=False,
     )
     original, flipped = [], []

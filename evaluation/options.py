@@ -31,6 +31,7 @@ import torch
 
 from backbones.common import PRECISIONS
 from core.checkpoint import NORMALIZATION
+from core.threads import use_threads
 from evaluation.embedders import OnnxEmbedder, TorchEmbedder, load_embedder
 from evaluation.verification import FUSIONS
 
@@ -77,7 +78,9 @@ def add_embedder_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def embedder_from_args(args: argparse.Namespace) -> TorchEmbedder | OnnxEmbedder:
-    """The embedder named by the options of :func:`add_embedder_arguments`."""
+    """The embedder named by the options of :func:`add_embedder_arguments`; the evaluator's extraction
+    runs on ``core.threads.thread_count()`` threads from here on (chosen before it adds to the load)."""
+    use_threads("batched")
     return load_embedder(
         args.model, args.backbone, args.color, args.device, args.precision,
         getattr(args, "input_mean", None), getattr(args, "input_std", None),

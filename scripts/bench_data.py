@@ -5,13 +5,19 @@ data folder when present, cycled as needed, otherwise synthetic faces), then pri
 
 * records/s of random-access reads with :class:`data.recordio.RecordIOFaceSet` (bytes + label);
 * images/s through a ``torch.utils.data.DataLoader`` that decodes to RGB uint8 and augments, for each
-  ``--workers`` count (0, 1, 2 by default); worker start-up is reported separately;
+  ``--workers`` count (0, 1, 2 by default); worker start-up is reported separately. The batch is collated
+  as training collates it (``data.transforms.collate_faces``: numpy, outside PyTorch's intra-op pool;
+  ``--collate torch`` times ``default_collate``'s ``torch.stack`` instead) and workers start through
+  ``core.threads.loader_worker_init``;
+* with ``--busy N``, every loader row again beside N CPU-bound processes (``python -c "while True: pass"``),
+  as on a shared server or a laptop doing other work;
 * with ``--mxnet-python PATH``, the same random reads done by MXNet's ``MXIndexedRecordIO`` in that
   interpreter (a virtual environment with ``mxnet``), on the same file and key order.
 
 Usage::
 
     python -m scripts.bench_data [--images 5000] [--reads 20000] [--workers 0 1 2] [--json]
+    python -m scripts.bench_data --workers 0 --busy 1 [--collate torch]
     python -m scripts.bench_data --mxnet-python /tmp/mxvenv/bin/python
 
 (run from the repository root, as a module, so that ``core`` and ``data`` import).
@@ -27,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -34,8 +41,9 @@ import numpy as np
 import torch
 
 from core.paths import shared_data_dir
+from core.threads import loader_worker_init
 from data.recordio import RecordIOFaceSet, RecordIOWriter, pack
-from data.transforms import PRESETS, FaceDataset, FaceTransform
+from data.transforms import PRESETS, FaceDataset, FaceTransform, collate_faces
 
 # Runs inside the MXNet interpreter: argv = rec, idx, keys file; prints one JSON line.
 MXNET_READER = """
@@ -143,11 +151,17 @@ def face_dataset(rec: Path, preset: str) -> FaceDataset:
     return FaceDataset(RecordIOFaceSet(rec), FaceTransform(PRESETS[preset], seed=0))
 
 
-def bench_loader(rec: Path, workers: int, batch_size: int, preset: str) -> dict[str, float]:
+COLLATES = {"numpy": collate_faces, "torch": torch.utils.data.default_collate}
+
+
+def bench_loader(
+    rec: Path, workers: int, batch_size: int, preset: str, collate: str = "numpy"
+) -> dict[str, float]:
     """One shuffled epoch; throughput counts from the first batch on, so worker start-up is separate."""
     loader = torch.utils.data.DataLoader(
-        face_dataset(rec, preset), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=False
-    )
+        face_dataset(rec, preset), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=False,
+        collate_fn=COLLATES[collate], worker_init_fn=loader_worker_init,
+    )  # fmt: skip
     start = time.perf_counter()
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(loader)
     first = next(batches)
@@ -158,10 +172,41 @@ def bench_loader(rec: Path, workers: int, batch_size: int, preset: str) -> dict[
     return {
         "preset": preset,
         "workers": workers,
+        "collate": collate,
         "images": count + len(first[0]),
         "startup_s": ready - start,
         "images_per_s": count / seconds if count else float("nan"),
     }
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` CPU-bound processes (``python -c "while True: pass"``) running for the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5 if count else 0)  # let them take their cores
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def bench_loaders(args: argparse.Namespace, rec: Path) -> list[dict]:
+    """Every loader row (preset x workers), alone and, with ``--busy``, beside busy processes."""
+    rows = [
+        bench_loader(rec, w, args.batch_size, preset, args.collate)
+        for preset in args.presets
+        for w in args.workers
+    ]
+    if args.busy:
+        with busy_processes(args.busy):
+            for row in rows:
+                busy = bench_loader(rec, row["workers"], args.batch_size, row["preset"], args.collate)
+                row["busy_processes"] = args.busy
+                row["busy_images_per_s"] = busy["images_per_s"]
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,6 +228,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="augmentation presets to time (arcface: flip only; adaface: + crop, low-res, photometric)",
     )
     parser.add_argument("--mxnet-python", help="interpreter with mxnet installed, to time MXIndexedRecordIO")
+    parser.add_argument(
+        "--collate", choices=sorted(COLLATES), default="numpy",
+        help="numpy: data.transforms.collate_faces, as training collates (default); torch: default_collate",
+    )  # fmt: skip
+    parser.add_argument(
+        "--busy", type=int, default=0, metavar="N",
+        help="also time every loader row beside N CPU-bound processes (default: 0, alone only)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser.parse_args(argv)
@@ -206,9 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if args.mxnet_python:
             report["mxnet_random_reads"] = bench_mxnet_reads(args.mxnet_python, rec, order, Path(tmp))
-        report["loader"] = [
-            bench_loader(rec, w, args.batch_size, preset) for preset in args.presets for w in args.workers
-        ]
+        report["torch_threads"] = torch.get_num_threads()
+        report["loader"] = bench_loaders(args, rec)
     print(json.dumps(report) if args.json else format_report(report))
     return report
 
@@ -227,11 +279,14 @@ def format_report(report: dict) -> str:
         lines.append(
             f"random reads, {name:<13}: {r['records_per_s']:>9.0f} records/s ({r['mb_per_s']:.0f} MB/s)"
         )
+    lines.append(f"DataLoader: {report['torch_threads']} torch threads in the main process")
     for row in report["loader"]:
+        busy = ""
+        if "busy_images_per_s" in row:
+            busy = f"; beside {row['busy_processes']} busy: {row['busy_images_per_s']:>8.0f} images/s"
         lines.append(
-            f"DataLoader decode+augment ({row['preset']}), {row['workers']} workers: "
-            f"{row['images_per_s']:>8.0f} images/s "
-            f"(start-up {row['startup_s']:.2f} s)"
+            f"DataLoader decode+augment ({row['preset']}), {row['workers']} workers, {row['collate']} "
+            f"collate: {row['images_per_s']:>8.0f} images/s (start-up {row['startup_s']:.2f} s){busy}"
         )
     return "\n".join(lines)
 

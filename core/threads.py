@@ -1,0 +1,112 @@
+"""Thread counts for the CPU work of training, extraction and data loading, chosen in one place.
+
+PyTorch's intra-op pool (OpenMP) splits one operation across threads and ends it at a barrier every thread
+must reach. That pays for batched work (a forward pass over a batch, a training step) and costs dearly
+for small per-sample work (decoding, augmenting, stacking one image): on a machine whose cores are taken
+by other processes, one descheduled thread holds the others at the barrier for a scheduler time slice.
+``python -m scripts.bench_data --workers 0`` measured it on a busy 2-core machine: with the batch of 128
+decoded faces stacked by ``torch.stack`` (the DataLoader's default collate) on 2 intra-op threads, decode +
+augment ran at 89 images/s, and at 917 with the batch stacked by numpy (docs/evaluation.md, "Speed and
+memory on CPUs").
+
+The same barrier makes batched work slow when the machine is busy and the batches are small: one
+MobileFaceNet forward pass over 1 image took 5.3 s with 2 threads beside other jobs and 0.11 s with one
+(64 images: 9.0 and 7.6 s).
+
+So the framework keeps two kinds of work apart (:func:`thread_count` says how many threads each gets):
+
+* ``batched`` (training steps, embedding extraction, the scoring of features): PyTorch's intra-op pool with
+  ``OMP_NUM_THREADS`` threads when the environment sets it (torchrun sets 1 for several processes per
+  machine), else the cores this process may run on divided by the processes of this machine
+  (``LOCAL_WORLD_SIZE``, set by torchrun), and no more than the cores the other processes leave free
+  (the cores less the 1-minute load average, rounded; so beside one CPU-bound job a 2-core machine gets
+  1 thread); at least 1. Entry points choose it once, at their start (:func:`use_threads`), before
+  their own work adds to the load;
+* ``per_sample`` (decoding, alignment, augmentation, collating a batch, in loader workers and in the main
+  process with ``--workers 0`` alike): one thread. Loader workers run it through
+  :func:`loader_worker_init` (one PyTorch and one OpenCV thread per worker: the workers are the
+  parallelism), and the per-sample code itself uses numpy and OpenCV, never PyTorch's pool
+  (``data.transforms.collate_faces`` stacks a batch with numpy).
+
+Thread counts do not change what is computed beyond floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+ROLES = ("batched", "per_sample")
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or ``taskset``'s limit)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _positive_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be a positive integer") from None
+    if number < 1:
+        raise ValueError(f"environment variable {name}={value!r} must be a positive integer")
+    return number
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (runnable processes), 0 where the system does not say."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def thread_count(
+    role: str = "batched",
+    env: Mapping[str, str] | None = None,
+    cores: int | None = None,
+    load: float | None = None,
+) -> int:
+    """Threads for ``role`` (``batched`` or ``per_sample``, see the module notes) in this process;
+    ``env``, ``cores`` and ``load`` default to this process's environment, :func:`available_cores` and
+    :func:`load_average`."""
+    if role not in ROLES:
+        raise ValueError(f"thread role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role == "per_sample":
+        return 1
+    env = os.environ if env is None else env
+    chosen = _positive_int(env, "OMP_NUM_THREADS")
+    if chosen is not None:
+        return chosen
+    cores = available_cores() if cores is None else cores
+    local = _positive_int(env, "LOCAL_WORLD_SIZE") or 1
+    free = round(cores - (load_average() if load is None else load))
+    return max(1, min(cores // local, free))
+
+
+def use_threads(role: str = "batched") -> int:
+    """Set PyTorch's intra-op threads to :func:`thread_count` of ``role`` (and, for ``per_sample``,
+    OpenCV's to 1); returns the count."""
+    import torch
+
+    n = thread_count(role)
+    torch.set_num_threads(n)
+    if role == "per_sample":
+        import cv2
+
+        cv2.setNumThreads(1)
+    return n
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of the framework's DataLoaders: a worker does per-sample work with one PyTorch and
+    one OpenCV thread (the workers are the parallelism)."""
+    del worker_id
+    use_threads("per_sample")
