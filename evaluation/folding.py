@@ -106,11 +106,13 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, i
     folded = copy.deepcopy(model).eval()
     pairs = foldable_pairs(folded, sample)
     modules = dict(folded.named_modules())
+    count = 0
     with torch.no_grad():
         for conv_name, bn_name in pairs:
             conv, bn = modules[conv_name], modules[bn_name]
             if bn.running_mean is None or bn.running_var is None:
                 continue  # BatchNorm without running statistics normalises by the batch: not foldable
+            count += 1
             weight, bias = fuse_conv_bn_weights(
                 conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
             )
@@ -119,7 +121,7 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, i
             setattr(modules[parent] if parent else folded, attr, nn.Identity())
     for parameter in folded.parameters():
         parameter.requires_grad_(False)
-    return folded, len(pairs)
+    return folded, count
 
 
 def parameter_versions(model: nn.Module) -> tuple[int, ...]:

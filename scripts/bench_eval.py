@@ -4,16 +4,26 @@
     python -m scripts.bench_eval --backbone r50 --limit 200  # 200 of the pairs only
     python -m scripts.bench_eval --model model.pt --backbone r100 --devices cuda --precisions fp32 bf16
     python -m scripts.bench_eval --model mobilefacenet.onnx --color bgr --devices cpu
+    python -m scripts.bench_eval --backbone r50 --limit 100 --threads 1 2 --busy 1   # beside a busy process
 
 For each device (CPU, and CUDA when present) and precision it prints:
 
+* the whole evaluation as ``validation_hq`` runs it, first, while the process holds nothing else: load +
+  decode, extract (with flips, ``--whole-batch`` images per batch, the evaluator's 128 by default), score
+  (10-fold accuracy, VAL@FAR), in seconds, with the accuracy and the peak resident memory of those steps
+  (the kernel's high-water mark, reset before them);
+* on the CPU, the runtimes side by side on one batch (``--compare-batch``, 64) in the same process with the
+  same threads (each of ``--threads``): PyTorch eager (``TorchEmbedder(fast=False)``), the framework's
+  fast path (BatchNorm folded, ``evaluation.folding``) and onnxruntime on an export of the same weights
+  (``scripts.export_onnx``), with and without its CPU memory arena; images/s (best and median of
+  ``--repeats`` interleaved rounds), and each one's largest feature difference from eager. An ONNX
+  ``--model`` has the onnxruntime rows only. With ``--busy N`` every row is timed again beside N CPU-bound
+  processes;
 * ``.bin`` decoding: seconds and images/s of ``data.verification.load_bin`` with 0, 2, 4 ... threads;
 * the extractor (``evaluation.extract.extract`` on decoded images held in memory): images/s with and without
   the flipped copies, per batch size (an image with its flip costs two forward passes);
 * the multi-worker loader (``evaluation.extract.extract_dataset`` over the encoded images, decoded in loader
   processes): images/s per number of workers, flips included;
-* the whole evaluation as ``validation_hq`` runs it: load + decode, extract (with flips), score (10-fold
-  accuracy, VAL@FAR), in seconds, with the accuracy;
 * peak memory: the process's maximum resident set size so far (``resource``; it only grows) and, on a GPU,
   ``torch.cuda.max_memory_allocated`` of that run.
 
@@ -24,12 +34,17 @@ timings hold, the accuracy is near chance.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +54,15 @@ import torch
 from backbones import build_backbone
 from core.fileio import atomic_write
 from core.paths import shared_data_dir
+from core.threads import load_average, use_threads
 from data.decode import decode_rgb
 from data.transforms import normalize_batch
 from data.verification import load_bin, read_bin_raw, write_bin
-from evaluation.embedders import TorchEmbedder, load_embedder
+from evaluation.embedders import OnnxEmbedder, TorchEmbedder, load_embedder, session_options
 from evaluation.extract import extract, extract_dataset
+from evaluation.folding import largest_difference
 from evaluation.verification import verification_results
+from scripts.export_onnx import export
 
 
 class EncodedImages(torch.utils.data.Dataset):
@@ -61,8 +79,33 @@ class EncodedImages(torch.utils.data.Dataset):
 
 
 def peak_rss_mib() -> float:
-    """The process's maximum resident set size so far, MiB (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident set size, MiB: the kernel's high-water mark since the last
+    :func:`reset_peak_rss` (``VmHWM``), else the maximum over the process's life (``ru_maxrss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mib() -> float:
+    """The process's resident set size now, MiB (0 where /proc is missing)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's resident memory (Linux 4.0+); False where it
+    cannot be reset (the peak is then the process's maximum so far)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
@@ -142,31 +185,127 @@ def bench_loader(embed, encoded: Sequence[bytes], batch: int, workers: Sequence[
 
 
 def bench_whole(embed, path: Path, batch: int, workers: int, device: torch.device) -> dict[str, Any]:
-    """validation_hq's evaluation of one .bin, step by step."""
+    """validation_hq's evaluation of one .bin, step by step, with the peak resident memory of the steps."""
+    gc.collect()
+    rss_before, reset = rss_mib(), reset_peak_rss()
     load_s, val = timed(lambda: load_bin(path, workers=workers), device)
     extract_s, (original, flipped) = timed(lambda: extract(embed, val.images, batch, flip=True), device)
     score_s, metrics = timed(lambda: verification_results(original, flipped, val.issame), device)
-    return {"pairs": val.pairs, "load_decode_s": load_s, "extract_s": extract_s, "score_s": score_s,
-            "total_s": load_s + extract_s + score_s, "accuracy": metrics["accuracy"],
-            "accuracy_std": metrics["accuracy_std"]}  # fmt: skip
+    return {"pairs": val.pairs, "batch": batch, "load_decode_s": load_s, "extract_s": extract_s,
+            "score_s": score_s, "total_s": load_s + extract_s + score_s, "accuracy": metrics["accuracy"],
+            "accuracy_std": metrics["accuracy_std"], "decoded_mib": val.images.nbytes / 2**20,
+            "rss_before_mib": rss_before, "peak_rss_mib": peak_rss_mib(),
+            "peak_of": "these steps" if reset else "the process so far"}  # fmt: skip
 
 
-def run_device(args: argparse.Namespace, device: str, precision: str, path: Path) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------ runtimes side by side
+
+
+def runtimes(embed, scratch: Path, threads: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The embedders compared on the CPU: PyTorch eager, the fast path and onnxruntime (with and without its
+    memory arena) on an export of the same weights; an ONNX model has the onnxruntime rows only."""
+    import onnxruntime
+
+    if isinstance(embed, OnnxEmbedder):
+        path, color, scaling = embed.path, embed.color, (embed.scaling.mean, embed.scaling.std)
+    else:
+        path, color, scaling = scratch / "model.onnx", embed.color, (None, None)
+        if not path.exists():
+            export(embed, path, fold=False)
+    ort = OnnxEmbedder(path, color, *scaling, verbose=False, threads=threads)
+    ort_arena = OnnxEmbedder(path, color, *scaling, verbose=False, threads=threads)
+    ort_arena.session = onnxruntime.InferenceSession(
+        str(path), session_options(threads, arena=True), providers=["CPUExecutionProvider"]
+    )
+    found: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if isinstance(embed, TorchEmbedder):
+        model, size = embed.model, embed.input_size
+        found["pytorch eager"] = TorchEmbedder(model, embed.color, "cpu", input_size=size, fast=False)
+        found["fast path"] = TorchEmbedder(model, embed.color, "cpu", input_size=size, fast=True)
+    found["onnxruntime"] = ort
+    found["onnxruntime (arena)"] = ort_arena
+    return found
+
+
+def compare_runtimes(
+    embed, images: torch.Tensor, threads: Sequence[int], repeats: int, busy: int, scratch: Path
+) -> list[dict[str, Any]]:
+    """images/s of each runtime of :func:`runtimes` on the batch ``images`` with each thread count (rounds
+    interleaved, so a change in the machine's load reaches them all), alone and beside ``busy`` processes."""
+    rows = []
+    before = torch.get_num_threads()
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            candidates = runtimes(embed, scratch, n)
+            setup = {}
+            for name, run in candidates.items():  # warm-up; the fast path folds here
+                setup[name], _ = timed(lambda run=run: run(images), torch.device("cpu"))
+            reference = next(iter(candidates.values()))(images)
+            for busy_now in (0, busy) if busy else (0,):
+                with busy_processes(busy_now):
+                    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+                    for _ in range(repeats):
+                        for name, run in candidates.items():
+                            seconds[name].append(timed(lambda run=run: run(images), torch.device("cpu"))[0])
+                for name, run in candidates.items():
+                    rows.append({
+                        "runtime": name, "threads": n, "batch": len(images), "busy_processes": busy_now,
+                        "images_per_s": len(images) / min(seconds[name]),
+                        "median_images_per_s": len(images) / statistics.median(seconds[name]),
+                        "first_call_s": setup[name],
+                        "difference": largest_difference(run(images), reference),
+                        "fast_path": getattr(run, "fast_path", None),
+                    })  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` CPU-bound processes (``python -c "while True: pass"``) running for the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5 if count else 0)  # let them take their cores
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def decoded(path: Path, count: int) -> np.ndarray:
+    """The first ``count`` images of a .bin, decoded (uint8 RGB N x 3 x H x W)."""
+    encoded = read_bin_raw(path)[0][:count]
+    return np.stack([decode_rgb(b, f"{path} image {i}").transpose(2, 0, 1) for i, b in enumerate(encoded)])
+
+
+def run_device(
+    args: argparse.Namespace, device: str, precision: str, path: Path, scratch: Path
+) -> dict[str, Any]:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    val = load_bin(path, workers=max(args.workers))
-    embed = make_embedder(args, device, precision, val.images[: min(16, len(val.images))])
-    images = val.images[: args.speed_images]
-    encoded = read_bin_raw(path)[0][: args.speed_images]
-    result = {
+    embed = make_embedder(args, device, precision, decoded(path, 16))
+    result: dict[str, Any] = {
         "device": device if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "precision": embed.precision,
-        "extractor": bench_extractor(embed, images, args.batch_sizes, dev),
-        "loader": bench_loader(embed, encoded, max(args.batch_sizes), args.workers, dev),
-        "whole": bench_whole(embed, path, max(args.batch_sizes), max(args.workers), dev),
-        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+        "whole": bench_whole(embed, path, args.whole_batch, max(args.workers), dev),
     }
+    result["fast_path"] = getattr(embed, "fast_path", None)
+    images = decoded(path, args.speed_images)
+    if dev.type == "cpu" and embed.precision == "fp32" and isinstance(embed, (TorchEmbedder, OnnxEmbedder)):
+        batch = torch.from_numpy(np.resize(images, (args.compare_batch, *images.shape[1:])))
+        result["runtimes"] = compare_runtimes(
+            embed, batch, args.threads or [torch.get_num_threads()], args.repeats, args.busy, scratch
+        )
+    encoded = read_bin_raw(path)[0][: args.speed_images]
+    result["extractor"] = bench_extractor(embed, images, args.batch_sizes, dev)
+    result["loader"] = bench_loader(embed, encoded, max(args.batch_sizes), args.workers, dev)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if dev.type == "cuda":
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return result
@@ -183,21 +322,47 @@ def format_header(report: dict[str, Any]) -> str:
     )
 
 
+def format_runtimes(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["runtimes side by side (one batch):  threads  busy  images/s (best, median)  first call  "
+             "difference"]  # fmt: skip
+    for r in rows:
+        note = f"  {r['fast_path']}" if r["fast_path"] and r["runtime"] == "fast path" else ""
+        lines.append(
+            f"  {r['runtime']:<22} batch {r['batch']:<4} {r['threads']:>5} {r['busy_processes']:>5}"
+            f"  {r['images_per_s']:>8.1f} {r['median_images_per_s']:>8.1f}     {r['first_call_s']:>6.2f} s"
+            f"  {r['difference']:.1e}{note}"
+        )
+    groups: dict[tuple[int, int], dict[str, float]] = {}
+    for r in rows:
+        groups.setdefault((r["threads"], r["busy_processes"]), {})[r["runtime"]] = r["median_images_per_s"]
+    for (threads, busy), speeds in groups.items():
+        best_ort = max(v for k, v in speeds.items() if k.startswith("onnxruntime"))
+        if "fast path" in speeds:
+            fast, eager = speeds["fast path"] / best_ort, speeds["pytorch eager"] / best_ort
+            lines.append(f"  fast path / best onnxruntime ({threads} threads, {busy} busy, medians): "
+                         f"{fast:.2f}x; eager {eager:.2f}x")  # fmt: skip
+    return lines
+
+
 def format_run(run: dict[str, Any]) -> str:
-    lines = [f"== {run['device']}, {run['precision']} ==",
-             "extractor (images in memory):  batch  flip   images/s  forwards/s"]  # fmt: skip
+    w = run["whole"]
+    lines = [f"== {run['device']}, {run['precision']}, {run['threads']} threads ==",
+             f"whole .bin evaluation ({w['pairs']} pairs, batch {w['batch']}): load+decode "
+             f"{w['load_decode_s']:.2f} s, extract {w['extract_s']:.2f} s, score {w['score_s']:.2f} s = "
+             f"{w['total_s']:.2f} s; accuracy {w['accuracy'] * 100:.2f} ± {w['accuracy_std'] * 100:.2f}",
+             f"whole evaluation memory: peak RSS {w['peak_rss_mib']:.0f} MiB of {w['peak_of']} (process at "
+             f"{w['rss_before_mib']:.0f} MiB before; decoded images {w['decoded_mib']:.0f} MiB)"]  # fmt: skip
+    if run.get("fast_path"):
+        lines.append(f"extraction path: {run['fast_path']}")
+    if "runtimes" in run:
+        lines += format_runtimes(run["runtimes"])
+    lines.append("extractor (images in memory):  batch  flip   images/s  forwards/s")
     for r in run["extractor"]:
         lines.append(f"{'':31}{r['batch']:>6}  {'yes' if r['flip'] else 'no':>4} {r['images_per_s']:>10.1f}"
                      f" {r['forwards_per_s']:>11.1f}")  # fmt: skip
     loader = ", ".join(f"{r['workers']} workers {r['images_per_s']:.1f} img/s" for r in run["loader"])
     lines.append(f"loader (decode in workers, flip): {loader}")
-    w = run["whole"]
-    lines.append(
-        f"whole .bin evaluation ({w['pairs']} pairs): load+decode {w['load_decode_s']:.2f} s, extract "
-        f"{w['extract_s']:.2f} s, score {w['score_s']:.2f} s = {w['total_s']:.2f} s; accuracy "
-        f"{w['accuracy'] * 100:.2f} ± {w['accuracy_std'] * 100:.2f}"
-    )
-    memory = f"peak RSS {run['peak_rss_mib']:.0f} MiB"
+    memory = f"peak RSS of the whole benchmark process {run['peak_rss_mib']:.0f} MiB"
     if "cuda_max_allocated_mib" in run:
         memory += f", CUDA max allocated {run['cuda_max_allocated_mib']:.0f} MiB"
     return "\n".join([*lines, memory])
@@ -212,6 +377,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="use N pairs of the .bin, evenly spaced through it")
     p.add_argument("--speed-images", type=int, default=512, help="images for the extractor/loader rows")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 256])
+    p.add_argument("--whole-batch", type=int, default=128, help="batch of the whole evaluation (default 128)")
+    p.add_argument("--compare-batch", type=int, default=64, help="batch of the runtimes side by side")
+    p.add_argument("--threads", type=int, nargs="+", help="thread counts of the runtimes side by side "
+                   "(default: core.threads.thread_count(), chosen at the start)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the runtimes side by side")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="also time the runtimes beside N CPU-bound processes")  # fmt: skip
     p.add_argument(
         "--workers", type=int, nargs="+", default=[0, 2, 4], help="decode threads / loader workers"
     )
@@ -223,6 +395,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    use_threads("batched")
     devices = args.devices or ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
     with tempfile.TemporaryDirectory() as tmp:
         path = limited_bin(args.bin, args.limit, Path(tmp))
@@ -231,15 +404,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bin": str(args.bin),
             "pairs": len(read_bin_raw(path)[1]),
             "threads": torch.get_num_threads(),
-            "decode": bench_decode(path, args.workers),
+            "load_average": load_average(),
             "runs": [],
         }
-        print(format_header(report), flush=True)
+        runs = []
         for device in devices:
             precisions = args.precisions or (["fp32"] if device == "cpu" else ["fp32", "bf16"])
             for precision in precisions:
-                report["runs"].append(run_device(args, device, precision, path))
-                print(format_run(report["runs"][-1]), flush=True)
+                runs.append(run_device(args, device, precision, path, Path(tmp)))
+                print(format_run(runs[-1]), flush=True)
+        report["runs"] = runs
+        report["decode"] = bench_decode(path, args.workers)
+        print(format_header(report), flush=True)
     if args.json:
         with atomic_write(args.json, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2)

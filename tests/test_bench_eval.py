@@ -104,7 +104,7 @@ def test_bench_eval_reports_every_row(shared_data, tmp_path, monkeypatch, capsys
     assert bench_eval.main(args) == 0
     report = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert "whole .bin evaluation (40 pairs)" in printed and "peak RSS" in printed
+    assert "whole .bin evaluation (40 pairs, batch 128)" in printed and "peak RSS" in printed
     assert [r["threads"] for r in report["decode"]] == [0, 2]
     (run,) = report["runs"]
     rows = [(r["batch"], r["flip"]) for r in run["extractor"]]
@@ -113,6 +113,8 @@ def test_bench_eval_reports_every_row(shared_data, tmp_path, monkeypatch, capsys
     assert all(r["images_per_s"] > 0 for r in [*run["extractor"], *run["loader"], *report["decode"]])
     whole = run["whole"]
     assert whole["pairs"] == 40 and whole["total_s"] >= whole["extract_s"] > 0 and run["peak_rss_mib"] > 100
+    # the peak of the evaluation alone: at least what the process held before it and its decoded images
+    assert whole["peak_rss_mib"] >= whole["rss_before_mib"] + 0.9 * whole["decoded_mib"] > 0
     val = load_bin(bench_eval.limited_bin(shared_data / "lfw_yunet112.bin", 40, tmp_path))
     assert 0 < val.issame.sum() < 40  # both kinds of pairs, though the file starts with 300 positives
     original, flipped = extract(pixel_embedder, val.images, 16)
@@ -136,3 +138,43 @@ def test_random_backbone_is_calibrated_to_sane_features(faces):
     features = bench_eval.make_embedder(args, "cpu", "fp32", faces.numpy())(faces)
     assert torch.isfinite(features).all() and features.norm(dim=1).max() < 1e3
     assert not torch.allclose(features[0], features[1])
+
+
+class _TinyNet(torch.nn.Module):
+    """conv -> BN -> PReLU twice, pooled: a network with BatchNorms to fold, exported in a moment."""
+
+    input_size = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = []
+        for cin, cout in ((3, 8), (8, 8)):
+            layers += [
+                torch.nn.Conv2d(cin, cout, 3, padding=1),
+                torch.nn.BatchNorm2d(cout),
+                torch.nn.PReLU(cout),
+            ]
+        self.body = torch.nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+
+def test_runtimes_side_by_side(tmp_path):
+    torch.manual_seed(0)
+    model = _TinyNet().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # statistics that matter, so folding changes the weights
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    images = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    rows = bench_eval.compare_runtimes(TorchEmbedder(model), images, [1], repeats=2, busy=0, scratch=tmp_path)
+    names = ["pytorch eager", "fast path", "onnxruntime", "onnxruntime (arena)"]
+    assert [r["runtime"] for r in rows] == names
+    assert all(r["threads"] == 1 and r["batch"] == 4 and r["images_per_s"] > 0 for r in rows)
+    assert rows[1]["fast_path"] == "BatchNorm folded (2 of 2)"
+    # every runtime gives eager's features (float32 rounding: measured below 1e-6 of their size)
+    assert rows[0]["difference"] == 0 and all(r["difference"] < 1e-4 for r in rows[1:])
+    printed = "\n".join(bench_eval.format_runtimes(rows))
+    assert "fast path / best onnxruntime (1 threads, 0 busy, medians)" in printed
