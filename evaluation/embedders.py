@@ -35,6 +35,11 @@ from evaluation.folding import fold_batchnorm, largest_difference, parameter_ver
 
 DEFAULT_INPUT = (127.5, 127.5)  # (mean, std) of (x - mean) / std on pixels 0..255: NORMALIZATION
 FOLD_PROBE_IMAGES = 4  # images of the first batch that find the foldable BatchNorms and check the fold
+# A CPU forward pass takes at most this many images at once; a larger batch goes through in slices, with
+# the same features. On 2 cores MobileFaceNet ran at 36 images/s in slices of 32 against 25 with 128 at
+# once (whose activations, 100 MB a layer, miss the caches) and took 98 MiB of memory for a pass instead
+# of 590 MiB (onnxruntime: 35 against 24 images/s, 98 against 393 MiB).
+CPU_BATCH = 32
 # The weights of a checkpoint to use: the trained ones (``backbone``) or their average (``ema``, train.ema).
 WEIGHTS = ("raw", "ema")
 
@@ -52,7 +57,8 @@ class TorchEmbedder:
     convolutions before them (:mod:`evaluation.folding`), built at the first call from its first images,
     checked against the model on them, and rebuilt whenever the model's weights change in place (a model
     still training); features equal the model's within float32 rounding. :attr:`fast_path` says what
-    runs. A model in train mode, another device or precision, or ``fast=False`` runs as it is.
+    runs. A model in train mode, another device or precision, or ``fast=False`` runs as it is. On a CPU a
+    batch goes through the network in slices of ``cpu_batch`` images (:data:`CPU_BATCH`).
     """
 
     normalization = NORMALIZATION
@@ -72,7 +78,7 @@ class TorchEmbedder:
         self.model, self.color, self.device = model.eval().to(device), color, torch.device(device)
         self.channels_last, self.precision = channels_last, precision
         self.input_size = input_size if input_size is not None else getattr(model, "input_size", None)
-        self.fast = fast
+        self.fast, self.cpu_batch = fast, CPU_BATCH
         self.fast_path = "eager (not run yet)"
         self._folded: nn.Module | None = None
         self._folded_versions: tuple[int, ...] | None = None
@@ -124,6 +130,10 @@ class TorchEmbedder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        if self.device.type == "cpu" and len(images) > self.cpu_batch:  # in slices (see CPU_BATCH)
+            step = self.cpu_batch
+            return torch.cat([self(images[i : i + step]) for i in range(0, len(images), step)])
         x = self.prepare(images)
         with self.autocast():
             return self.network(x)(x).float().cpu()
@@ -232,7 +242,7 @@ class OnnxEmbedder:
     ) -> None:
         import onnxruntime
 
-        self.path, self.precision = Path(path), "fp32"
+        self.path, self.precision, self.cpu_batch = Path(path), "fp32", CPU_BATCH
         if self.path.stat().st_size == 0:
             raise ValueError(f"{self.path}: empty file (0 bytes), not an ONNX model")
         try:
@@ -254,7 +264,11 @@ class OnnxEmbedder:
                   f"({self.scaling.reason})", file=sys.stderr)  # fmt: skip
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize_batch(torch.as_tensor(images), self.color, self.input_size)  # (x - 127.5) / 127.5
+        images = torch.as_tensor(images)
+        if len(images) > self.cpu_batch:  # in slices of cpu_batch images, as TorchEmbedder on a CPU
+            step = self.cpu_batch
+            return torch.cat([self(images[i : i + step]) for i in range(0, len(images), step)])
+        x = normalize_batch(images, self.color, self.input_size)  # (x - 127.5) / 127.5
         mean, std = self.scaling.mean, self.scaling.std
         if (mean, std) != DEFAULT_INPUT:  # the same affine map of the pixels, after any resize
             x = x.mul_(127.5 / std).add_((127.5 - mean) / std)
