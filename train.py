@@ -608,7 +608,7 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
     return {
         "config": config_to_dict(run.cfg),
         "backbone": run.backbone.state_dict(),
-        **run.objective.state_dict(),  # head, uncertainty, difficulty
+        **run.objective.state_dict(),  # the objective's entries: head, uncertainty, difficulty
         "optimizer": run.objective.optimizer_state_dict(run.optimizer),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler else None,
@@ -809,6 +809,10 @@ def fit(
     and its fit with this run, the output folder), so a refused run leaves ``output_dir`` as it was.
     ``overwrite`` starts in a folder holding another run's checkpoints, after moving them aside."""
     device = device or init_distributed(cfg.train.collective_timeout_s, cfg.train.launcher_watch_s)
+    if cfg.model.freeze_backbone and not cfg.model.pretrained:  # (a dry run may step a random one)
+        raise ConfigError(
+            "model.freeze_backbone needs model.pretrained, the checkpoint whose backbone to keep"
+        )
     if overwrite and resume_from == "auto":
         raise TrainingError(
             "--overwrite starts a new run in output_dir and --resume auto continues the one there: give one"

@@ -53,11 +53,6 @@ class ProbFace(Metric):
             raise ConfigError(
                 "loss.name probface and model.uncertainty (scalar or per_dim) go together", key="loss.name"
             )
-        if cfg.model.freeze_backbone and not cfg.model.pretrained:
-            raise ConfigError(
-                "model.freeze_backbone needs model.pretrained, the checkpoint whose backbone to keep",
-                key="model.pretrained",
-            )
 
     def __init__(self, cfg: Config, backbone: nn.Module, data: TrainingData) -> None:
         self_uncertainty = build_uncertainty(cfg, backbone)  # first: its initial weights draw from the seed

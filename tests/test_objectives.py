@@ -100,7 +100,7 @@ def test_each_objective_refuses_settings_it_cannot_train_with():
         (["loss.name=triplet"], "loss.name 'triplet' is not a loss on the head's cross-entropy"),
         (["mining.cd_interval=5"], "mining.cd_interval needs mining.difficulty: true"),
         ([*METRIC, "mining.cd_interval=5"], "mining.cd_interval mines by a head's cosines"),
-        ([*PROBFACE, "model.freeze_backbone=true"], "model.freeze_backbone needs model.pretrained"),
+        ([*PROBFACE, "data.sampler=random"], "needs several images per identity in each batch"),
         ([*PROBFACE, "loss.name=triplet"], "loss.name probface and model.uncertainty"),
     ]
     for settings, message in cases:
