@@ -13,9 +13,11 @@ For each device (CPU, and CUDA when present) and precision it prints:
   (10-fold accuracy, VAL@FAR), in seconds, with the accuracy and the peak resident memory of those steps
   (the kernel's high-water mark, reset before them);
 * on the CPU, the runtimes side by side on one batch (``--compare-batch``, 64) in the same process with the
-  same threads (each of ``--threads``): PyTorch eager (``TorchEmbedder(fast=False)``), the framework's
-  fast path (BatchNorm folded, ``evaluation.folding``) and onnxruntime on an export of the same weights
-  (``scripts.export_onnx``), with and without its CPU memory arena; images/s (best and median of
+  same threads (each of ``--threads``): PyTorch eager (the model as it is, the batch in one pass), the
+  framework's fast path (``TorchEmbedder``: BatchNorm folded, slices of 32 images) and onnxruntime on an
+  export of the same weights
+  (``scripts.export_onnx``), as ``OnnxEmbedder`` runs it and with onnxruntime's defaults (memory arena,
+  the batch in one run); images/s (best and median of
   ``--repeats`` interleaved rounds), and each one's largest feature difference from eager. An ONNX
   ``--model`` has the onnxruntime rows only. With ``--busy N`` every row is timed again beside N CPU-bound
   processes;
@@ -202,8 +204,9 @@ def bench_whole(embed, path: Path, batch: int, workers: int, device: torch.devic
 
 
 def runtimes(embed, scratch: Path, threads: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The embedders compared on the CPU: PyTorch eager, the fast path and onnxruntime (with and without its
-    memory arena) on an export of the same weights; an ONNX model has the onnxruntime rows only."""
+    """The embedders compared on the CPU: PyTorch eager, the fast path and onnxruntime on an export of the
+    same weights, as the framework runs it (no memory arena, slices of 32 images) and with its defaults
+    (arena, the batch in one run); an ONNX model has the onnxruntime rows only."""
     import onnxruntime
 
     if isinstance(embed, OnnxEmbedder):
@@ -217,13 +220,15 @@ def runtimes(embed, scratch: Path, threads: int) -> dict[str, Callable[[torch.Te
     ort_arena.session = onnxruntime.InferenceSession(
         str(path), session_options(threads, arena=True), providers=["CPUExecutionProvider"]
     )
+    ort_arena.cpu_batch = 1 << 30  # the whole batch in one run: onnxruntime as its defaults run it
     found: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     if isinstance(embed, TorchEmbedder):
         model, size = embed.model, embed.input_size
         found["pytorch eager"] = TorchEmbedder(model, embed.color, "cpu", input_size=size, fast=False)
+        found["pytorch eager"].cpu_batch = 1 << 30  # the model as it is, the batch in one pass
         found["fast path"] = TorchEmbedder(model, embed.color, "cpu", input_size=size, fast=True)
     found["onnxruntime"] = ort
-    found["onnxruntime (arena)"] = ort_arena
+    found["onnxruntime (defaults)"] = ort_arena
     return found
 
 
@@ -238,10 +243,10 @@ def compare_runtimes(
         for n in threads:
             torch.set_num_threads(n)
             candidates = runtimes(embed, scratch, n)
-            setup = {}
+            setup, features = {}, {}
             for name, run in candidates.items():  # warm-up; the fast path folds here
-                setup[name], _ = timed(lambda run=run: run(images), torch.device("cpu"))
-            reference = next(iter(candidates.values()))(images)
+                setup[name], features[name] = timed(lambda run=run: run(images), torch.device("cpu"))
+            reference = next(iter(features.values()))
             for busy_now in (0, busy) if busy else (0,):
                 with busy_processes(busy_now):
                     seconds: dict[str, list[float]] = {name: [] for name in candidates}
@@ -254,7 +259,7 @@ def compare_runtimes(
                         "images_per_s": len(images) / min(seconds[name]),
                         "median_images_per_s": len(images) / statistics.median(seconds[name]),
                         "first_call_s": setup[name],
-                        "difference": largest_difference(run(images), reference),
+                        "difference": largest_difference(features[name], reference),
                         "fast_path": getattr(run, "fast_path", None),
                     })  # fmt: skip
     finally:

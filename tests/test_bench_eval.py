@@ -170,7 +170,7 @@ def test_runtimes_side_by_side(tmp_path):
                 m.running_var.uniform_(0.5, 2.0)
     images = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
     rows = bench_eval.compare_runtimes(TorchEmbedder(model), images, [1], repeats=2, busy=0, scratch=tmp_path)
-    names = ["pytorch eager", "fast path", "onnxruntime", "onnxruntime (arena)"]
+    names = ["pytorch eager", "fast path", "onnxruntime", "onnxruntime (defaults)"]
     assert [r["runtime"] for r in rows] == names
     assert all(r["threads"] == 1 and r["batch"] == 4 and r["images_per_s"] > 0 for r in rows)
     assert rows[1]["fast_path"] == "BatchNorm folded (2 of 2)"
@@ -178,3 +178,32 @@ def test_runtimes_side_by_side(tmp_path):
     assert rows[0]["difference"] == 0 and all(r["difference"] < 1e-4 for r in rows[1:])
     printed = "\n".join(bench_eval.format_runtimes(rows))
     assert "fast path / best onnxruntime (1 threads, 0 busy, medians)" in printed
+
+
+def test_bench_ijbc_projects_from_its_measured_parts(shared_data, tmp_path, capsys):
+    from scripts import bench_ijbc
+
+    gpu = tmp_path / "gpu_check.json"
+    extraction = {"settings": {"backbone": "r100", "precision": "bf16"},
+                  "figures": {"images_per_s_with_flip": 5000.0}}  # fmt: skip
+    gpu.write_text(json.dumps({"device": "a GPU", "parts": {"extraction": extraction}}))
+    out = tmp_path / "ijbc.json"
+    sizes = "--count 20 --images 3000 --templates 300 --pairs 20000 --genuine 100".split()
+    assert bench_ijbc.main([*sizes, "--cores", "8", "--gpu-check", str(gpu), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    scoring, projection = report["scoring"], report["projection"]
+    assert scoring["pairs"] == 20000 and scoring["templates"] == 300  # every template got images
+    steps = ("image_features_s", "template_pooling_s", "pair_scores_s", "roc_tar_at_far_s")
+    assert scoring["total_s"] == pytest.approx(sum(scoring[s] for s in steps))
+    decode = 3000 / (report["decode_align"]["images_per_s_per_core"] * 7)  # all cores but one
+    assert projection["decode_align_s"] == pytest.approx(decode)
+    assert projection["extraction_s"] == pytest.approx(3000 / 5000)
+    assert projection["total_s"] == pytest.approx(max(decode, 0.6) + scoring["total_s"])
+    assert (
+        report["gpu_source"].startswith("measured by scripts/gpu_check.sh")
+        and "r100 bf16" in report["gpu_source"]
+    )
+    assert "projected IJB-C on 8 cores + the GPU" in capsys.readouterr().out
+    gpu.write_text(json.dumps({"parts": {}}))
+    assert bench_ijbc.main([*sizes, "--gpu-check", str(gpu)]) == 2
+    assert "no parts.extraction.figures.images_per_s_with_flip" in capsys.readouterr().err
