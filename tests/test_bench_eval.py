@@ -188,7 +188,8 @@ def test_bench_ijbc_projects_from_its_measured_parts(shared_data, tmp_path, caps
                   "figures": {"images_per_s_with_flip": 5000.0}}  # fmt: skip
     gpu.write_text(json.dumps({"device": "a GPU", "parts": {"extraction": extraction}}))
     out = tmp_path / "ijbc.json"
-    sizes = "--count 20 --images 3000 --templates 300 --pairs 20000 --genuine 100".split()
+    sizes = ["--count", "20", "--images", "3000", "--templates", "300"]
+    sizes += ["--pairs", "20000", "--genuine", "100"]
     assert bench_ijbc.main([*sizes, "--cores", "8", "--gpu-check", str(gpu), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     scoring, projection = report["scoring"], report["projection"]
