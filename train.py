@@ -68,8 +68,6 @@ from core.distributed import (
     register_sum_hook,
     shutdown_distributed,
 )
-from core.embedders import TorchEmbedder
-from core.extract import extract
 from core.fileio import describe_os_error, remove_stale_temp_files
 from core.logbook import Logbook
 from core.optim import build_optimizer, build_scheduler
@@ -81,10 +79,12 @@ from data.decode import DecodeError
 from data.sampler import GlobalBatchSampler, KeyedFaceDataset, PKBatchSampler
 from data.transforms import FaceDataset, normalize_batch
 from data.verification import VerificationFileError, VerificationSet, load_bin
+from evaluation.embedders import TorchEmbedder
+from evaluation.extract import extract
+from evaluation.verification import verification_results
 from objectives import Objective, StepContext, TrainingData, TrainingError, objective_class
 from objectives.base import check_fits
 from objectives.ema import ModelEma
-from validation_hq.evaluate import score
 
 # Errors about the user's input (config, data, checkpoint): reported in one line, without a traceback.
 INPUT_ERRORS = (
@@ -561,7 +561,7 @@ def evaluate(
     results = {}
     for val in run.val_sets:
         original, flipped = extract(embedder, val.images, run.cfg.train.val_batch_size, flip=True, shard=True)
-        results[val.name] = score(original, flipped, val.issame, "sum")
+        results[val.name] = verification_results(original, flipped, val.issame, "sum")
     train_mode(run)
     return results
 

@@ -27,11 +27,11 @@ from backbones.converters import ConversionError, convert
 from backbones.vit import SIZES, Attention, DropPath, VisionTransformer
 from core.checkpoint import load_checkpoint
 from core.config import OptimConfig, ScheduleConfig, load_config
-from core.extract import extract
 from core.optim import build_optimizer, build_scheduler
 from core.registry import ConfigError
 from data.verification import load_bin
 from evaluation.embedders import TorchEmbedder
+from evaluation.extract import extract
 from evaluation.verification import evaluate_pairs, fuse_flip
 from scripts import bench_backbones, export_onnx
 from tests.conftest import assert_close_scaled
