@@ -26,6 +26,7 @@ from data.image_folder import ImageFolderFaces
 from data.transforms import normalize_batch
 from heads.registry import HEADS
 from losses import LOSSES
+from tests.conftest import assert_close_scaled
 from tests.synthetic_faces import write_identity_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +158,8 @@ def test_a_checkpoint_imports_its_custom_imports_to_build_its_backbone(trained, 
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference.eval()(normalize_batch(x))
-    torch.testing.assert_close(embedder(x), expected, rtol=0, atol=0)  # the same network, the same kernels
+    # the same weights: the embedder folds BatchNorm into the convolutions, which moves float32 rounding only
+    assert_close_scaled(embedder(x), expected, rtol=1e-5)
     # a checkpoint whose custom_imports are gone warns, naming it, and still imports nothing else
     with pytest.warns(UserWarning, match=r"gone\.pt: custom_imports: .*missing\.py: no such file"):
         assert import_checkpoint_imports({"custom_imports": [str(tmp_path / "missing.py")]}, "gone.pt") == []
