@@ -106,7 +106,11 @@ def use_threads(role: str = "batched") -> int:
 
 
 def loader_worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of the framework's DataLoaders: a worker does per-sample work with one PyTorch and
-    one OpenCV thread (the workers are the parallelism)."""
+    """``worker_init_fn`` of the framework's DataLoaders: a worker does per-sample work with one PyTorch
+    thread (the workers are the parallelism). OpenCV's thread count is left alone there: a forked worker
+    inherits the parent's OpenCV thread pool without its threads, and ``cv2.setNumThreads`` in the worker
+    then waits for them forever once the parent has used the pool."""
     del worker_id
-    use_threads("per_sample")
+    import torch
+
+    torch.set_num_threads(thread_count("per_sample"))
