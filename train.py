@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from backbones import BACKBONES, build_backbone
+from core import spill
 from core.checkpoint import (
     NORMALIZATION,
     STEP_FILE,
@@ -828,6 +829,7 @@ def fit(
     stale, aside = on_rank0(lambda: prepare_output_dir(run, overwrite), f"prepare {run.out}") or ([], None)
     if aside is not None and path is not None and path.parent == run.out:
         run.state.last_checkpoint = aside / path.name
+    spill.use_directory(run.out)  # a checkpoint's large gathered tensors (Partial FC) live in files there
     log = on_rank0(
         lambda: Logbook(run.out, run.total_steps, start_step=run.state.step), f"open {run.out / 'train.log'}"
     ) or Logbook(run.out, run.total_steps, enabled=False)
@@ -861,6 +863,7 @@ def fit(
         raise
     finally:
         log.close()
+        spill.use_directory(None)
     return run
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from core.registry import ConfigError
+from core.spill import host_empty
 
 # Overrides train.collective_timeout_s for every run of the environment (a cluster-wide setting).
 TIMEOUT_ENV = "FACEREC_COLLECTIVE_TIMEOUT_S"
@@ -389,9 +390,12 @@ def gather_rows_to_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
 
     Memory is bounded: rank 0 allocates the result once and receives each rank's rows straight into it
     (under NCCL through one device buffer of the largest shard); the other ranks send their tensor and
-    allocate nothing but the row count. :func:`all_gather_padded` would give every rank ``world`` shards."""
+    allocate nothing but the row count. :func:`all_gather_padded` would give every rank ``world`` shards.
+    A large result is backed by a file when :func:`core.spill.use_directory` has set a folder, so that
+    its pages can leave memory (:func:`core.spill.host_empty`)."""
     if not is_distributed():
-        return tensor.detach().to("cpu", copy=True)
+        out = host_empty(tuple(tensor.shape), tensor.dtype)
+        return out.copy_(tensor.detach())
     tensor = tensor.detach().contiguous()
     rows = torch.tensor([tensor.shape[0]], device=tensor.device)
     counts = [torch.zeros_like(rows) for _ in range(get_world_size())]
@@ -403,7 +407,7 @@ def gather_rows_to_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
             with _collective("send to rank 0 (gather_rows_to_rank0)"):
                 dist.send(tensor, dst=0)
         return None
-    out = torch.empty((sum(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device="cpu")
+    out = host_empty((sum(sizes), *tensor.shape[1:]), tensor.dtype)
     out[: sizes[0]].copy_(tensor)
     staged = tensor.device.type != "cpu" or dist.get_backend() == "nccl"
     buffer = (

@@ -276,9 +276,7 @@ class PartialFC(nn.Module):
     def _unsharded(self, shard: torch.Tensor) -> torch.Tensor:
         """All classes' rows of ``shard`` (this rank's rows of a per-class tensor), as :meth:`state_dict`
         gives them."""
-        if get_world_size() == 1:
-            return shard.detach().clone()
-        full = gather_rows_to_rank0(shard)
+        full = gather_rows_to_rank0(shard)  # one process: a copy (file-backed when large, core.spill)
         if full is None:
             return torch.empty((self.num_classes, *shard.shape[1:]), dtype=shard.dtype, device="meta")
         return full

@@ -6,7 +6,10 @@ load, and the sharded loss and gradients against an unsharded computation.
     python -m scripts.bench_pfc_scale --check --classes 2059906 --dim 16        # sharded == unsharded
 
 Memory is each process's peak resident set (``VmHWM``, reset before every phase through
-``/proc/self/clear_refs``) minus its resident set when the phase began, and the phase's absolute peak.
+``/proc/self/clear_refs``) minus its resident set when the phase began, and the phase's absolute peak;
+``anon_extra_gb`` is the rise of the anonymous part alone, which the kernel cannot page out. The save
+gathers the head into file-backed pages of the output folder (:mod:`core.spill`), as train.py does;
+``--no-spill`` gathers into anonymous memory.
 ``--gather all`` saves the way every rank once gathered the whole head (``all_gather`` of every shard) and
 loads the file whole on every rank; the default is :func:`core.distributed.gather_rows_to_rank0` and a
 memory-mapped load. ``--check`` runs a training step at ``--dim`` in float64 and compares, in this process,
@@ -21,6 +24,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from core import spill
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.distributed import all_gather_padded, barrier
 from heads import build_head
@@ -46,23 +51,38 @@ def _status(key: str) -> float:
 
 
 class Peak:
-    """Peak resident memory of a phase: the high-water mark is reset when it starts."""
+    """Peak resident memory of a phase: the high-water mark is reset when it starts. Beside it, the peak of
+    the anonymous part (``RssAnon``, sampled every 20 ms): memory the kernel cannot drop, unlike the pages
+    of files (the spilled gather of :mod:`core.spill`, a memory-mapped checkpoint), which count in the
+    resident set while they are there but leave it under memory pressure."""
 
     def __enter__(self) -> Peak:
         Path("/proc/self/clear_refs").write_text("5")
         self.start, self.t0 = _status("VmRSS"), time.perf_counter()
+        self.anon_start = self.anon_peak = _status("RssAnon")
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
         return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.anon_peak = max(self.anon_peak, _status("RssAnon"))
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._sampler.join()
         self.peak = _status("VmHWM")
         self.extra = self.peak - self.start
+        self.anon_peak = max(self.anon_peak, _status("RssAnon"))
 
     def row(self) -> dict[str, float]:
         return {
             "seconds": round(self.seconds, 3),
             "peak_gb": round(self.peak, 3),
             "extra_gb": round(self.extra, 3),
+            "anon_extra_gb": round(self.anon_peak - self.anon_start, 3),
         }
 
 
@@ -112,6 +132,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         shard = pfc.head.weight.detach().clone(), optimizer.state[pfc.head.weight]["momentum_buffer"].clone()
         path = Path(out) / "head.pt"
         barrier()
+        spill.use_directory(Path(out) if args.spill else None)  # as train.py does for its run folder
         with Peak() as save:
             state = _old_gather(pfc, optimizer) if args.gather == "all" else {
                 "head": pfc.state_dict(), "optimizer": pfc.optimizer_state_dict(optimizer)}  # fmt: skip
@@ -220,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rates", type=float, nargs="+", default=[0.2, 1.0])
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--gather", choices=["rank0", "all"], default="rank0")
+    p.add_argument(
+        "--no-spill", dest="spill", action="store_false",
+        help="gather into anonymous memory, not into file-backed pages of the output folder (core.spill)",
+    )  # fmt: skip
     p.add_argument("--check", action="store_true", help="sharded vs unsharded loss and gradients (float64)")
     p.add_argument("--out", default="", help="folder for the checkpoint (default: a temporary one)")
     p.add_argument("--json", default="", help="write the results here")

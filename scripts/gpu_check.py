@@ -7,9 +7,9 @@ Parts (each guarded: one that fails is reported in the table with its reason, an
 
 * ``environment``: torch, CUDA, cuDNN and NCCL versions, the device's name and memory;
 * ``throughput``: training images/s per GPU, achieved TFLOP/s, MFU against the device's dense bf16 peak
-  (:data:`PEAK_TFLOPS`) and peak memory, for each backbone (r50, r100, mbf) in each mode: fp16 with a
-  GradScaler, bf16, bf16 + channels_last, bf16 + channels_last + ``torch.compile``; the step is train.py's
-  (uint8 batch normalised on the device, backbone, Partial FC ArcFace over ``--classes`` classes, SGD);
+  (:data:`PEAK_TFLOPS`) and peak memory, for each backbone (r50, r100, mbf, vit_t, vit_b) in each mode:
+  fp16 with a GradScaler, bf16, bf16 + channels_last, bf16 + channels_last + ``torch.compile``; the step
+  is train.py's (uint8 batch normalised on the device, backbone, Partial FC ArcFace over ``--classes`` classes, SGD);
   FLOPs counted on the forward pass, a training step taken as 3x forward;
 * ``pipeline``: a generated RecordIO of ``--rec-images`` 112x112 JPEGs (written with the framework's
   RecordIO writer) read through the training loader with the machine's cores: images/s alone and while
@@ -91,7 +91,7 @@ PEAK_TFLOPS: list[tuple[str, float, str]] = [
 # The two sizes: the GPU verdict (under 8 minutes on one H100/H200) and the CPU version (about a minute).
 PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {
-        "backbones": ["r50", "r100", "mbf"],
+        "backbones": ["r50", "r100", "mbf", "vit_t", "vit_b"],
         "modes": list(MODES),
         "batch": 256,
         "steps": 30,
@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=450.0,
         help="time budget: a part or row that would start after it is skipped, with the reason",
     )
-    p.add_argument("--backbones", nargs="+", help="throughput backbones (default r50 r100 mbf; CPU: mbf)")
+    p.add_argument(
+        "--backbones", nargs="+", help="throughput backbones (default r50 r100 mbf vit_t vit_b; CPU: mbf)"
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, help="throughput modes (default all)")
     p.add_argument("--batch", type=int, help="images per training step (default 256; CPU 4)")
     p.add_argument("--input-size", type=int, default=112, help="network input side")
@@ -805,12 +807,15 @@ def peak_tflops(name: str) -> tuple[float, str] | None:
 
 
 def forward_gflops(backbone: torch.nn.Module, device: torch.device, size: int) -> float:
-    """GFLOPs of one image's forward pass (torch.utils.flop_counter; a multiply-add counts 2)."""
+    """GFLOPs of one image's forward pass (torch.utils.flop_counter; a multiply-add counts 2; the CPU
+    attention kernel counted as the CUDA ones are, :data:`scripts.bench_backbones.ATTENTION_OPS`)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.bench_backbones import ATTENTION_OPS
 
     was_training = backbone.training
     backbone.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_OPS) as counter:
         backbone(torch.zeros(1, 3, size, size, device=device))
     backbone.train(was_training)
     return counter.get_total_flops() / 1e9

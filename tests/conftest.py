@@ -11,6 +11,23 @@ from core.paths import DATA_ENV, shared_data_dir
 
 REQUIRE_ENV = "FACEREC_REQUIRE_DATA"
 
+# Under pytest-xdist (``make test`` runs a worker per core) every worker, and every process a test starts,
+# computes on one thread: the workers are the parallelism, and two thread pools per core only wait on each
+# other. A thread count set by the user's environment is kept.
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """A test that runs an entry point (which chooses its own thread count, ``core.threads``) does not
+    change the thread count of the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -44,6 +44,20 @@ def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path: Path, cap
     assert "partial_fc" in out and "FAILED: ValueError" in out
 
 
+def test_the_gpu_verdict_times_the_vision_transformers_as_the_cpu_version_can(tmp_path: Path) -> None:
+    """The GPU profile's throughput rows include vit_t and vit_b. Here vit_t runs train.py's step once
+    (bf16 autocast on the CPU, tiny batch) and reports the forward FLOPs of the README's backbone table
+    (3.01 GFLOPs at 112x112, 2 per multiply-accumulate, attention included; scripts/bench_backbones.py)."""
+    assert {"vit_t", "vit_b"} <= set(gpu_check.PROFILES["gpu"]["backbones"])
+    status = gpu_check.main(
+        ["--out", str(tmp_path), "--cpu", "--parts", "throughput", "--backbones", "vit_t", "--modes", "bf16",
+         "--batch", "2", "--steps", "1", "--warmup", "1", "--classes", "10"]
+    )  # fmt: skip
+    (row,) = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["throughput"]["rows"]
+    assert status == 0 and row["backbone"] == "vit_t" and row["status"] == "ok", row
+    assert row["figures"]["forward_gflops_per_image"] == pytest.approx(3.01, abs=0.01)
+
+
 FIGURES = {
     "environment": {"torch", "cuda", "cudnn", "nccl", "device", "memory_gib", "cpu_cores"},
     "partial_fc": {"step_ms", "weight_gib", "classes_scored"},

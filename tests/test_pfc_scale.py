@@ -1,7 +1,7 @@
 """Partial FC checkpoints at scale: rank 0 alone assembles the unsharded centres and their momentum, the
 other ranks send their shard and receive nothing of the others', and the file resumes at another world size
 reading only the rows it needs (``scripts/bench_pfc_scale.py`` measures the same code path at 2,059,906
-classes)."""
+classes). Large gathered tensors live in pages of unlinked files of the run's folder (``core.spill``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from core import spill
 from core.checkpoint import load_checkpoint, save_checkpoint
 from heads.partial_fc import PartialFC, shard_range
 
@@ -74,12 +75,21 @@ def _worker(rank: int, port: int, out: str) -> None:
                  "momentum": optimizer.state[pfc.head.weight]["momentum_buffer"].clone()}  # fmt: skip
         log: list[tuple[str, int]] = []
         real = _traffic(log)
+        spill_dir = Path(out) / f"spill{rank}"
+        spill.use_directory(spill_dir)  # as train.py does, with every gathered tensor large enough to spill
+        spill.MIN_BYTES = 1
         try:
             state = {"head": pfc.state_dict(), "optimizer": pfc.optimizer_state_dict(optimizer)}
         finally:
+            spill.use_directory(None)
             for name, fn in real.items():
                 setattr(dist, name, fn)
         if rank == 0:
+            # rank 0 assembled both in pages of files of the run's folder, whose names are already gone
+            for full in (state["head"]["weight"], state["optimizer"]["state"][0]["momentum_buffer"]):
+                name = full.untyped_storage().filename
+                assert name is not None and Path(name).parent == spill_dir, name
+            assert list(spill_dir.iterdir()) == []
             save_checkpoint(Path(out) / "head.pt", state)
         else:
             weight, momentum = state["head"]["weight"], state["optimizer"]["state"][0]["momentum_buffer"]

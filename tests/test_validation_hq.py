@@ -92,21 +92,32 @@ def test_bad_inputs():
         evaluate_pairs(np.zeros((3, 2)), np.array([True, False]))
 
 
+LFW_FOLD_PAIRS = 600  # the .bin keeps pairs.txt's order: 10 folds of 300 positive then 300 negative pairs
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("color", ["bgr"])
-def test_pretrained_mobilefacenet_on_real_lfw_pairs(shared_data, color):
-    """A real embedder on the real 6,000 LFW pairs lands where its authors' figure says (about 99.5%)."""
+def test_pretrained_mobilefacenet_on_real_lfw_pairs(shared_data):
+    """A real embedder on real LFW pairs lands where its authors' figure says (about 99.5% on all 6,000
+    pairs, with flips). The first two of LFW's ten folds (1,200 pairs, both kinds in equal numbers) without
+    flips keep the test to a fifth of the whole set's time; at 99.5% a 1,200-pair sample errs by about
+    0.2% (one binomial standard deviation), hence the bound of 98.5%. The model scores higher on BGR input."""
+    pairs = 2 * LFW_FOLD_PAIRS
     lfw = load_bin(shared_data / "lfw_yunet112.bin")
-    session = ort.InferenceSession(str(shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"))
-    images = lfw.images[:, ::-1] if color == "bgr" else lfw.images
+    issame = lfw.issame[:pairs]
+    assert issame.sum() == pairs // 2 and issame[:300].all() and not issame[300:600].any()
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(
+        str(shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"), options,
+        providers=["CPUExecutionProvider"],
+    )  # fmt: skip
+    images = lfw.images[: 2 * pairs, ::-1]  # BGR
 
     def embed(batch: np.ndarray) -> np.ndarray:
         x = (batch.astype(np.float32) - 127.5) / 127.5
         return session.run(None, {"x": np.ascontiguousarray(x)})[0]
 
-    feats = np.concatenate([embed(images[i : i + 500]) for i in range(0, len(images), 500)])
-    flips = np.concatenate([embed(images[i : i + 500, :, :, ::-1]) for i in range(0, len(images), 500)])
-    result = evaluate_pairs(fuse_flip(feats, flips), lfw.issame)
-    print(f"mobilefacenet {color}: {result['accuracy']:.4f} +- {result['accuracy_std']:.4f}, "
-          f"VAL@FAR=1e-3 {result['val']:.4f}")  # fmt: skip
-    assert 0.989 <= result["accuracy"] <= 0.997
+    feats = np.concatenate([embed(images[i : i + 200]) for i in range(0, len(images), 200)])
+    result = evaluate_pairs(fuse_flip(feats, None, "none"), issame)
+    print(f"mobilefacenet bgr, first two folds: {result['accuracy']:.4f} +- {result['accuracy_std']:.4f}")
+    assert result["accuracy"] >= 0.985
