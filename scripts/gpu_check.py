@@ -9,7 +9,8 @@ Parts (each guarded: one that fails is reported in the table with its reason, an
 * ``throughput``: training images/s per GPU, achieved TFLOP/s, MFU against the device's dense bf16 peak
   (:data:`PEAK_TFLOPS`) and peak memory, for each backbone (r50, r100, mbf, vit_t, vit_b) in each mode:
   fp16 with a GradScaler, bf16, bf16 + channels_last, bf16 + channels_last + ``torch.compile``; the step
-  is train.py's (uint8 batch normalised on the device, backbone, Partial FC ArcFace over ``--classes`` classes, SGD);
+  is train.py's (uint8 batch normalised on the device, backbone, Partial FC ArcFace over ``--classes``
+  classes, SGD);
   FLOPs counted on the forward pass, a training step taken as 3x forward;
 * ``pipeline``: a generated RecordIO of ``--rec-images`` 112x112 JPEGs (written with the framework's
   RecordIO writer) read through the training loader with the machine's cores: images/s alone and while
