@@ -28,10 +28,10 @@ lint: setup
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 demo: setup
 	FACEREC_DATA=$(DATA) $(PY) -m scripts.demo --data $(DATA) --out $(DEMO_DIR) \

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from data.verification import load_bin
 from evaluation.verification import contiguous_folds, evaluate_pairs, fuse_flip, l2_normalize
@@ -107,6 +108,7 @@ def test_pretrained_mobilefacenet_on_real_lfw_pairs(shared_data):
     assert issame.sum() == pairs // 2 and issame[:300].all() and not issame[300:600].any()
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
+    options.intra_op_num_threads = torch.get_num_threads()  # one per test worker under pytest-xdist
     session = ort.InferenceSession(
         str(shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"), options,
         providers=["CPUExecutionProvider"],
