@@ -126,7 +126,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             result[f"step_{rate}"] = {
                 **step.row(),
                 "step_s": [round(t, 3) for t in times],
-                "loss": float(loss),
+                "loss": float(loss.detach()),
             }
         x.grad = None
         shard = pfc.head.weight.detach().clone(), optimizer.state[pfc.head.weight]["momentum_buffer"].clone()

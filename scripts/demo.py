@@ -98,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import train  # the entry point itself, so the demo runs exactly what users launch
 
-    # OUT/<the last part of the config's output_dir>: run for the demo, distill for configs/distill_cpu.yaml
+    # OUT/<the last part of the config's output_dir>: run for the demo, distill for configs/distill_cpu.yaml;
+    # an output_dir among the --set overrides is taken as given (train.py takes the last one)
     try:
         run_dir = args.out / Path(load_config(args.config).output_dir).name
     except (ConfigError, OSError) as err:
         print(f"demo: {err}", file=sys.stderr)
         return 2
+    chosen = [item.split("=", 1)[1] for item in args.set if item.startswith("output_dir=")]
+    run_dir = Path(chosen[-1]) if chosen else run_dir
     sets = [f"data.root={rec}", f"data.val_root={val_root}", f"output_dir={run_dir}", *args.set]
     print(f"[3/5] python train.py --config {args.config} --set {' '.join(sets)} --resume auto")
     status = train.main(["--config", str(args.config), "--set", *sets, "--resume", "auto"])
@@ -114,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     print("[4/5] LFW, 6,000 pairs of people not in the training data (10-fold, flip-sum fusion):")
     print(f"      accuracy {lfw['accuracy'] * 100:.2f}% ± {lfw['accuracy_std'] * 100:.2f}, "
           f"VAL@FAR=1e-3 {lfw['val_at_far_1e-3'] * 100:.2f}% after {state['step']} steps")  # fmt: skip
+    average = (state.get("ema") or {}).get("validation", {}).get("lfw")
+    if average:  # train.ema: the weight average was validated too
+        print(f"      weight average (train.ema): accuracy {average['accuracy'] * 100:.2f}% ± "
+              f"{average['accuracy_std'] * 100:.2f}, VAL@FAR=1e-3 {average['val_at_far_1e-3'] * 100:.2f}%")  # fmt: skip
     label = "demo" if run_dir.name == "run" else run_dir.name
     curves = plot_learning_curves({label: read_scalars(run_dir, CURVES)}, run_dir / "curves.png")
     import inference

@@ -67,6 +67,28 @@ def ten_fold_accuracy(features: np.ndarray, issame: np.ndarray) -> float:
     return float(np.mean(accuracies))
 
 
+def test_the_demo_reports_from_an_output_dir_given_in_set_with_the_weight_average(
+    shared_data, tmp_path, capsys
+):
+    """``--set output_dir=...`` moves the run (train.py takes the last output_dir), and the report reads it
+    from there; with ``train.ema`` the average's LFW figure is printed beside the trained weights'."""
+    tiny_data_folder(shared_data, tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    args = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "demo"), "--set", "train.max_steps=2",
+            "data.batch_size=16", "data.num_workers=0", "train.save_every=0", "model.input_size=32",
+            "train.ema.enabled=true", f"output_dir={elsewhere}"]  # fmt: skip
+    assert demo.main(args) == 0
+    printed = capsys.readouterr().out
+    state = load_checkpoint(elsewhere / "last.pt")
+    assert state["step"] == 2 and not (tmp_path / "demo" / "run").exists()
+    average = state["ema"]["validation"]["lfw"]
+    assert (
+        f"weight average (train.ema): accuracy {average['accuracy'] * 100:.2f}% ± "
+        f"{average['accuracy_std'] * 100:.2f}" in printed
+    )
+    assert f"model: {elsewhere / 'last.pt'}" in printed
+
+
 def test_demo_pipeline_end_to_end_at_tiny_scale(shared_data, tmp_path, capsys):
     same = tiny_data_folder(shared_data, tmp_path / "data")
     out = tmp_path / "demo"
