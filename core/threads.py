@@ -19,9 +19,10 @@ So the framework keeps two kinds of work apart (:func:`thread_count` says how ma
   ``OMP_NUM_THREADS`` threads when the environment sets it (torchrun sets 1 for several processes per
   machine), else the cores this process may run on divided by the processes of this machine
   (``LOCAL_WORLD_SIZE``, set by torchrun), and no more than the cores the other processes leave free
-  (the cores less the 1-minute load average, rounded; so beside one CPU-bound job a 2-core machine gets
-  1 thread); at least 1. Entry points choose it once, at their start (:func:`use_threads`), before
-  their own work adds to the load;
+  (the cores less those other processes kept busy over the last 0.2 s, :func:`other_load`, rounded; so
+  beside one CPU-bound job a 2-core machine gets 1 thread); at least 1. Entry points choose it once, at
+  their start (:func:`use_threads`). The 1-minute load average is no guide here: it lags a job that has
+  just ended by minutes, and it counts this process's own work;
 * ``per_sample`` (decoding, alignment, augmentation, collating a batch, in loader workers and in the main
   process with ``--workers 0`` alike): one thread. Loader workers run it through
   :func:`loader_worker_init` (one PyTorch and one OpenCV thread per worker: the workers are the
@@ -34,6 +35,7 @@ Thread counts do not change what is computed beyond floating-point summation ord
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 
 ROLES = ("batched", "per_sample")
@@ -68,6 +70,39 @@ def load_average() -> float:
         return 0.0
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy, total) seconds of all CPUs since boot, from ``/proc/stat``; None where it is missing."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return (total - idle) / tick, total / tick
+
+
+def other_load(window_s: float = 0.2) -> float:
+    """The cores that other processes keep busy now: every CPU's busy time over ``window_s`` seconds
+    (``/proc/stat``) less this process's own CPU time over the same window, divided by the window. Unlike
+    the 1-minute load average it does not lag (a job that has just ended counts for nothing) and it
+    leaves out this process's own work. Falls back to :func:`load_average` where ``/proc/stat`` is
+    missing."""
+    before = _cpu_seconds()
+    if before is None:
+        return load_average()
+    own_before, start = time.process_time(), time.perf_counter()
+    time.sleep(window_s)
+    after, own_after, elapsed = _cpu_seconds(), time.process_time(), time.perf_counter() - start
+    if after is None or elapsed <= 0:
+        return load_average()
+    busy = (after[0] - before[0]) - (own_after - own_before)
+    return max(0.0, busy / elapsed)
+
+
 def thread_count(
     role: str = "batched",
     env: Mapping[str, str] | None = None,
@@ -75,8 +110,8 @@ def thread_count(
     load: float | None = None,
 ) -> int:
     """Threads for ``role`` (``batched`` or ``per_sample``, see the module notes) in this process;
-    ``env``, ``cores`` and ``load`` default to this process's environment, :func:`available_cores` and
-    :func:`load_average`."""
+    ``env``, ``cores`` and ``load`` (the cores other processes keep busy) default to this process's
+    environment, :func:`available_cores` and :func:`other_load`."""
     if role not in ROLES:
         raise ValueError(f"thread role must be one of {', '.join(ROLES)}, got {role!r}")
     if role == "per_sample":
@@ -87,7 +122,9 @@ def thread_count(
         return chosen
     cores = available_cores() if cores is None else cores
     local = _positive_int(env, "LOCAL_WORLD_SIZE") or 1
-    free = round(cores - (load_average() if load is None else load))
+    if cores // local <= 1:
+        return 1
+    free = round(cores - (other_load() if load is None else load))
     return max(1, min(cores // local, free))
 
 

@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
           f"VAL@FAR=1e-3 {lfw['val_at_far_1e-3'] * 100:.2f}% after {state['step']} steps")  # fmt: skip
     average = (state.get("ema") or {}).get("validation", {}).get("lfw")
     if average:  # train.ema: the weight average was validated too
-        print(f"      weight average (train.ema): accuracy {average['accuracy'] * 100:.2f}% ± "
-              f"{average['accuracy_std'] * 100:.2f}, VAL@FAR=1e-3 {average['val_at_far_1e-3'] * 100:.2f}%")  # fmt: skip
+        accuracy, std, val = (average[k] * 100 for k in ("accuracy", "accuracy_std", "val_at_far_1e-3"))
+        print(f"      weight average (train.ema): accuracy {accuracy:.2f}% ± {std:.2f}, "
+              f"VAL@FAR=1e-3 {val:.2f}%")  # fmt: skip
     label = "demo" if run_dir.name == "run" else run_dir.name
     curves = plot_learning_curves({label: read_scalars(run_dir, CURVES)}, run_dir / "curves.png")
     import inference

@@ -4,6 +4,8 @@ deliberate thread counts (core.threads, data.transforms.collate_faces)."""
 
 from __future__ import annotations
 
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -223,6 +225,38 @@ def test_thread_counts_are_chosen_in_one_place():
         thread_count(env={"OMP_NUM_THREADS": "two"})
     with pytest.raises(ValueError, match="thread role must be one of batched, per_sample"):
         thread_count("loader")
+
+
+def test_the_load_of_other_processes_is_measured_now_without_this_process(monkeypatch):
+    """other_load: every CPU's busy seconds over the window less this process's own CPU seconds, per
+    second of the window (fixed readings here); the 1-minute load average only without /proc/stat."""
+    from types import SimpleNamespace
+
+    from core import threads
+
+    readings = iter([(100.0, 400.0), (100.9, 400.8)])  # (busy, total) CPU seconds: 0.9 s busy in 0.4 s
+    own = iter([5.0, 5.3])  # of which this process's own threads used 0.3 s
+    clock = iter([10.0, 10.4])
+    monkeypatch.setattr(threads, "_cpu_seconds", lambda: next(readings))
+    fake_time = SimpleNamespace(process_time=lambda: next(own), perf_counter=lambda: next(clock),
+                                sleep=lambda seconds: None)  # fmt: skip
+    monkeypatch.setattr(threads, "time", fake_time)
+    assert threads.other_load(0.4) == pytest.approx((0.9 - 0.3) / 0.4)  # 1.5 cores busy elsewhere
+    monkeypatch.setattr(threads, "_cpu_seconds", lambda: None)
+    monkeypatch.setattr(threads, "load_average", lambda: 7.0)
+    assert threads.other_load() == 7.0
+
+
+def test_this_machines_cpu_times_are_read():
+    from core.threads import _cpu_seconds
+
+    first = _cpu_seconds()
+    busy_until = time.perf_counter() + 0.05
+    while time.perf_counter() < busy_until:  # 50 ms of this process's work
+        pass
+    second = _cpu_seconds()
+    assert first is not None and second is not None
+    assert second[0] > first[0] and second[1] > first[1] >= first[0] > 0
 
 
 class _Threads(Dataset):
