@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 
 import cv2
 import numpy as np
@@ -123,19 +124,26 @@ def test_bench_eval_reports_every_row(shared_data, tmp_path, monkeypatch, capsys
     assert whole["accuracy"] == evaluate_pairs(fuse_flip(original, flipped), val.issame)["accuracy"]
 
 
+def _touched_pages(mib: int) -> mmap.mmap:
+    """``mib`` MiB of fresh anonymous pages from the kernel, every page written (resident), whatever the
+    C allocator would have reused."""
+    block, chunk = mmap.mmap(-1, mib * 2**20), b"\x01" * 2**20
+    for _ in range(mib):
+        block.write(chunk)
+    return block
+
+
 def test_the_peak_is_reset_before_a_measured_step():
-    """After a reset the high-water mark forgets an earlier, larger allocation and sees a new one: 256 MiB
-    and 64 MiB arrays are above glibc's largest mmap threshold (32 MiB), so they take fresh pages from the
-    kernel and give them back when freed."""
-    big = np.ones(256 * 2**18, dtype=np.float32)  # 256 MiB, touched
-    del big
+    """After a reset the high-water mark forgets an earlier, larger allocation and sees a new one."""
+    big = _touched_pages(256)
+    big.close()  # unmapped: back to the kernel
     assert bench_eval.reset_peak_rss(), "this test needs Linux's /proc/self/clear_refs"
     before = bench_eval.rss_mib()
     assert bench_eval.peak_rss_mib() < before + 128  # the 256 MiB peak is forgotten
-    block = np.ones(64 * 2**18, dtype=np.float32)  # 64 MiB
+    block = _touched_pages(64)
     peak = bench_eval.peak_rss_mib()
+    block.close()
     assert before + 0.9 * 64 <= peak < before + 128, (before, peak)
-    del block
 
 
 class _Named:
