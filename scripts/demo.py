@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from core.checkpoint import load_checkpoint
-from core.config import ConfigError, load_config
+from core.config import ConfigError, load_config, parse_overrides
 from core.fileio import atomic_write
 from core.logbook import read_scalars
 from core.paths import PROJECT_ROOT, shared_data_dir
@@ -99,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     import train  # the entry point itself, so the demo runs exactly what users launch
 
     # OUT/<the last part of the config's output_dir>: run for the demo, distill for configs/distill_cpu.yaml;
-    # an output_dir among the --set overrides is taken as given (train.py takes the last one)
+    # an output_dir among the --set overrides is the run's folder, read as train.py reads it
     try:
         run_dir = args.out / Path(load_config(args.config).output_dir).name
+        chosen = parse_overrides(args.set).get("output_dir")
     except (ConfigError, OSError) as err:
         print(f"demo: {err}", file=sys.stderr)
         return 2
-    chosen = [item.split("=", 1)[1] for item in args.set if item.startswith("output_dir=")]
-    run_dir = Path(chosen[-1]) if chosen else run_dir
+    run_dir = Path(str(chosen)) if chosen else run_dir
     sets = [f"data.root={rec}", f"data.val_root={val_root}", f"output_dir={run_dir}", *args.set]
     print(f"[3/5] python train.py --config {args.config} --set {' '.join(sets)} --resume auto")
     status = train.main(["--config", str(args.config), "--set", *sets, "--resume", "auto"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data.verification import load_bin
+from evaluation.embedders import session_options
 from evaluation.verification import contiguous_folds, evaluate_pairs, fuse_flip, l2_normalize
 
 
@@ -106,9 +107,7 @@ def test_pretrained_mobilefacenet_on_real_lfw_pairs(shared_data):
     lfw = load_bin(shared_data / "lfw_yunet112.bin")
     issame = lfw.issame[:pairs]
     assert issame.sum() == pairs // 2 and issame[:300].all() and not issame[300:600].any()
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.intra_op_num_threads = torch.get_num_threads()  # one per test worker under pytest-xdist
+    options = session_options(torch.get_num_threads())  # the evaluators' settings; one thread per worker
     session = ort.InferenceSession(
         str(shared_data / "models" / "onnx" / "mobilefacenet_paddle_128d.onnx"), options,
         providers=["CPUExecutionProvider"],
