@@ -39,14 +39,16 @@ from torch.nn.parallel import DistributedDataParallel
 from backbones import BACKBONES, build_backbone
 from core import spill
 from core.checkpoint import (
-    NORMALIZATION,
-    STEP_FILE,
     CheckpointError,
+    backbone_meta,
+    copy_mapped_optimizer_state,
     load_checkpoint,
+    load_pretrained,
+    mismatched,
     nonfinite_entry,
-    numbered_checkpoints,
     resolve_resume,
     save_step_checkpoint,
+    saved_backbone_settings,
 )
 from core.config import (
     Config,
@@ -69,10 +71,11 @@ from core.distributed import (
     register_sum_hook,
     shutdown_distributed,
 )
-from core.fileio import describe_os_error, remove_stale_temp_files
+from core.fileio import describe_os_error
 from core.logbook import Logbook
 from core.optim import build_optimizer, build_scheduler
 from core.registry import UnknownNameError
+from core.run_dir import OutputDirError, check_output_dir, prepare_output_dir
 from data import image_folder, recordio
 from data.bad_records import BadRecordError
 from data.builder import build_train_dataset
@@ -85,13 +88,13 @@ from evaluation.extract import extract
 from evaluation.verification import verification_results
 from objectives import Objective, StepContext, TrainingData, TrainingError, objective_class
 from objectives.base import check_fits
-from objectives.ema import ModelEma
+from objectives.ema import ModelEma, build_ema, describe_ema, resume_ema
 
 # Errors about the user's input (config, data, checkpoint): reported in one line, without a traceback.
 INPUT_ERRORS = (
     ConfigError, CheckpointError, TrainingError, UnknownNameError, FileNotFoundError, DecodeError,
     recordio.RecordIOError, recordio.FolderLayoutError, image_folder.FolderLayoutError, VerificationFileError,
-    BadRecordError,
+    BadRecordError, OutputDirError,
 )  # fmt: skip
 
 
@@ -213,49 +216,6 @@ def build_sampler(cfg: Config, faces: FaceDataset, world: int, rank: int) -> Glo
     )
 
 
-def backbone_settings(cfg: Config) -> list[tuple[str, str, Any]]:
-    """What a backbone's weights were built for: (key in a checkpoint's ``meta``, config key, this run's
-    value). A checkpoint that differs in any is refused before its weights are loaded."""
-    return [
-        ("arch", "model.backbone", cfg.model.backbone),
-        ("embedding_size", "model.embedding_size", cfg.model.embedding_size),
-        ("input_size", "model.input_size", cfg.model.input_size or cfg.data.image_size),
-        ("color", "data.color", cfg.data.color),
-    ]
-
-
-def backbone_meta(cfg: Config) -> dict[str, Any]:
-    """The checkpoint's ``meta`` entries of the backbone (what evaluators need to run it)."""
-    return {key: value for key, _, value in backbone_settings(cfg)} | {"normalization": NORMALIZATION}
-
-
-def mismatched(settings: Iterable[tuple[str, str, Any, Any]], known_only: bool = False) -> str:
-    """The (meta key, config key, checkpoint's value, this run's value) that differ, as "arch 'r18' (this
-    run: 'mbf'), ...; set model.backbone, ... to match it" ('' when none; ``known_only`` passes values the
-    checkpoint lacks)."""
-    wrong = [(f"{k} {old!r} (this run: {new!r})", key) for k, key, old, new in settings
-             if old != new and not (known_only and old is None)]  # fmt: skip
-    if not wrong:
-        return ""
-    keys = ", ".join(dict.fromkeys(key for _, key in wrong))
-    return f"{', '.join(text for text, _ in wrong)}; set {keys} to match it"
-
-
-def saved_backbone_settings(cfg: Config, meta: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
-    return [(k, key, meta.get(k), value) for k, key, value in backbone_settings(cfg)]
-
-
-def load_pretrained(cfg: Config, backbone: nn.Module) -> None:
-    """The backbone weights of checkpoint ``model.pretrained``, trained with this run's architecture,
-    embedding and input size and colour order."""
-    path = cfg.model.pretrained
-    state = load_checkpoint(path)
-    wrong = mismatched(saved_backbone_settings(cfg, state.get("meta", {})))
-    if wrong:
-        raise CheckpointError(f"model.pretrained {path}: trained with {wrong}")
-    backbone.load_state_dict(state["backbone"])
-
-
 def val_set_paths(cfg: Config) -> list[Path]:
     """The ``.bin`` files of ``data.val_targets`` in ``data.val_root`` (none when it is empty).
     Every one must exist: a missing set stops the run before the first step."""
@@ -333,18 +293,8 @@ def build(cfg: Config, device: torch.device) -> Run:
         cfg=cfg, device=device, out=Path(cfg.output_dir), dataset=dataset, sampler=sampler, backbone=backbone,
         objective=objective, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         total_steps=total_steps, val_paths=val_set_paths(cfg), state=state,
-        ema=build_ema(cfg, backbone, device),
+        ema=build_ema(cfg.train.ema, backbone, device),
     )  # fmt: skip
-
-
-def build_ema(cfg: Config, backbone: nn.Module, device: torch.device) -> ModelEma | None:
-    """The average of ``backbone``'s weights that ``train.ema`` asks for (None when off), on the training
-    device or the CPU, starting from the initial (or pretrained) weights."""
-    ema = cfg.train.ema
-    if not ema.enabled:
-        return None
-    where = torch.device("cpu") if ema.device == "cpu" else device
-    return ModelEma(backbone, ema.decay, ema.warmup, ema.warmup_power, ema.every, device=where)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -686,7 +636,7 @@ def resume(run: Run, path: Path) -> str:
     settings = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
     base_lrs = list(run.scheduler.base_lrs)
     run.objective.load_optimizer_state_dict(run.optimizer, state["optimizer"])
-    own_copies(run.optimizer, state["optimizer"])
+    copy_mapped_optimizer_state(run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scheduler.base_lrs = base_lrs
     step = run.scheduler.last_epoch
@@ -701,48 +651,8 @@ def resume(run: Run, path: Path) -> str:
     note = f"resumed {path} at epoch {run.state.epoch} step {run.state.step}"
     if changed:
         note += f"; changed since the checkpoint, applied from step {run.state.step}: {', '.join(changed)}"
-    return note + resume_ema(run, state)
-
-
-def describe_ema(run: Run) -> str:
-    """The log line of the average's settings (and what averaging a frozen backbone means)."""
-    ema = run.cfg.train.ema
-    warmup = f"power {ema.warmup_power:.4g}" if ema.warmup == "power" else ema.warmup
-    line = (
-        f"train.ema: an average of the backbone's weights, decay {ema.decay:g}, warmup {warmup}, updated "
-        f"every {ema.every} optimizer step{'s' if ema.every > 1 else ''}, on {run.ema.device}, "
-        f"{run.ema.updates} updates so far; best.pt by the {ema.select_best} weights"
-    )
-    if run.cfg.model.freeze_backbone:
-        line += " (model.freeze_backbone: the backbone does not change, so its average equals it)"
-    return line
-
-
-def resume_ema(run: Run, state: dict[str, Any]) -> str:
-    """The checkpoint's average into ``run.ema``; without one (train.ema was off) the average starts from
-    the resumed weights. Returns what the resume line says of it ('' when nothing changes)."""
-    saved = state.get("ema")
-    if run.ema is None:
-        return "; train.ema is off: the checkpoint's average is not carried on" if saved is not None else ""
-    if saved is None:
-        run.ema.restart(run.backbone)
-        return "; the checkpoint holds no train.ema average: it starts from the resumed weights"
-    run.ema.load_state_dict(saved)
-    run.state.ema_validation = saved.get("validation", {})
-    return ""
-
-
-def own_copies(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Copy the optimizer state tensors that ``optimizer.load_state_dict`` kept as views of the memory-mapped
-    checkpoint (same device and dtype: it does not copy), so the run holds no mapping of a file that
-    ``train.keep_last`` may delete."""
-    mapped = {v.untyped_storage().data_ptr() for s in saved["state"].values() for v in s.values()
-              if torch.is_tensor(v) and v.device.type == "cpu"}  # fmt: skip
-    for per_param in optimizer.state.values():
-        for key, value in per_param.items():
-            on_cpu = torch.is_tensor(value) and value.device.type == "cpu"
-            if on_cpu and value.untyped_storage().data_ptr() in mapped:
-                per_param[key] = value.clone()
+    ema_note, run.state.ema_validation = resume_ema(run.ema, state.get("ema"), run.backbone)
+    return note + ema_note
 
 
 def check_resumable(run: Run, path: Path, state: dict[str, Any]) -> None:
@@ -826,7 +736,7 @@ def fit(
         note = f"no checkpoint in {run.out}; starting fresh"
     on_rank0(lambda: check_output_dir(run.out, path, run.state.step, overwrite), f"use output_dir {run.out}")
     # the first write: every check has passed
-    stale, aside = on_rank0(lambda: prepare_output_dir(run, overwrite), f"prepare {run.out}") or ([], None)
+    stale, aside = on_rank0(lambda: start_output_dir(run, overwrite), f"prepare {run.out}") or ([], None)
     if aside is not None and path is not None and path.parent == run.out:
         run.state.last_checkpoint = aside / path.name
     spill.use_directory(run.out)  # a checkpoint's large gathered tensors (Partial FC) live in files there
@@ -846,7 +756,7 @@ def fit(
             f"{run.sampler.global_batch}, {run.sampler.steps_per_epoch} steps/epoch, {run.total_steps} steps"
         )
         if run.ema is not None:
-            log.line(describe_ema(run))
+            log.line(describe_ema(run.ema, cfg.train.ema, cfg.model.freeze_backbone))
         limit = min(run.total_steps, cfg.train.max_steps or run.total_steps)
         while run.state.step < limit:
             train_one_epoch(run, log, limit)
@@ -867,51 +777,9 @@ def fit(
     return run
 
 
-# the files of a run in its output_dir (others there are the user's and stay)
-RUN_FILES = ("config.yaml", "train.log", "tensorboard", "last.pt", "best.pt")
-
-
-def run_checkpoints(out: Path) -> list[Path]:
-    """The checkpoints in ``out``: ``step_N.pt`` (oldest first), then last.pt and best.pt."""
-    return numbered_checkpoints(out) + [out / n for n in ("last.pt", "best.pt") if (out / n).is_file()]
-
-
-def check_output_dir(out: Path, resumed: Path | None, step: int, overwrite: bool) -> None:
-    """Refuse to mix two runs in ``out``: a new run where checkpoints are, or a resumed one where newer
-    checkpoints of another course of the run are (they would be overwritten, pruned and re-pointed)."""
-    found = run_checkpoints(out) if out.is_dir() else []
-    if overwrite or not found:
-        return
-    aside = f"--overwrite to start over (its files are moved to {out / 'replaced_<date-time>'}/)"
-    if resumed is None:
-        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
-        raise TrainingError(
-            f"output_dir {out} already holds checkpoints ({names}): a new run would overwrite and prune "
-            f"them; continue that run with --resume auto, choose a new output_dir, or pass {aside}"
-        )
-    newer = [p for p in numbered_checkpoints(out) if int(STEP_FILE.fullmatch(p.name).group(1)) > step]
-    if newer:
-        raise TrainingError(
-            f"output_dir {out} holds {newer[-1].name}, newer than step {step} of --resume {resumed}: "
-            f"continuing there would mix two runs; --resume auto continues the newest, a new output_dir "
-            f"keeps both, or pass {aside}"
-        )
-
-
-def prepare_output_dir(run: Run, overwrite: bool) -> tuple[list[Path], Path | None]:
-    """Rank 0's first writes: the previous run's files moved aside (``--overwrite``; never deleted),
-    partial files of interrupted saves removed, the resolved config written. Returns (the removed
-    partial files, the folder the previous run's files went to or None)."""
-    aside = None
-    if overwrite and run.out.is_dir() and run_checkpoints(run.out):
-        previous = [*run_checkpoints(run.out), *(run.out / name for name in RUN_FILES)]
-        aside = run.out / f"replaced_{time.strftime('%Y%m%d-%H%M%S')}"
-        while aside.exists():
-            aside = aside.with_name(aside.name + "_")
-        aside.mkdir()
-        for item in dict.fromkeys(p for p in previous if p.exists()):
-            item.rename(aside / item.name)  # the same file system: instant, and nothing is copied
-    stale = remove_stale_temp_files(run.out)  # partial files of saves a kill interrupted
+def start_output_dir(run: Run, overwrite: bool) -> tuple[list[Path], Path | None]:
+    """Rank 0's first writes (:func:`core.run_dir.prepare_output_dir`), then the resolved config."""
+    stale, aside = prepare_output_dir(run.out, overwrite)
     dump_config(run.cfg, run.out / "config.yaml")
     return stale, aside
 

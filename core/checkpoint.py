@@ -17,12 +17,18 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from core.fileio import atomic_path, atomic_write
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from core.config import Config
 
 FORMAT_VERSION = 1
 NORMALIZATION = "(x/255 - 0.5) / 0.5"
@@ -194,3 +200,63 @@ def resolve_resume(spec: str, folder: str | os.PathLike[str]) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint to resume from not found")
     return path
+
+
+# ------------------------------------------------------------- what a checkpoint's backbone was built for
+
+
+def backbone_settings(cfg: Config) -> list[tuple[str, str, Any]]:
+    """What a backbone's weights were built for: (key in a checkpoint's ``meta``, config key, this config's
+    value). A checkpoint that differs in any is refused before its weights are loaded."""
+    return [
+        ("arch", "model.backbone", cfg.model.backbone),
+        ("embedding_size", "model.embedding_size", cfg.model.embedding_size),
+        ("input_size", "model.input_size", cfg.model.input_size or cfg.data.image_size),
+        ("color", "data.color", cfg.data.color),
+    ]
+
+
+def backbone_meta(cfg: Config) -> dict[str, Any]:
+    """The checkpoint's ``meta`` entries of the backbone (what evaluators need to run it)."""
+    return {key: value for key, _, value in backbone_settings(cfg)} | {"normalization": NORMALIZATION}
+
+
+def saved_backbone_settings(cfg: Config, meta: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """(meta key, config key, the checkpoint's value or None, this config's value) of every setting."""
+    return [(k, key, meta.get(k), value) for k, key, value in backbone_settings(cfg)]
+
+
+def mismatched(settings: Iterable[tuple[str, str, Any, Any]], known_only: bool = False) -> str:
+    """The (meta key, config key, checkpoint's value, this run's value) that differ, as "arch 'r18' (this
+    run: 'mbf'), ...; set model.backbone, ... to match it" ('' when none; ``known_only`` passes values the
+    checkpoint lacks)."""
+    wrong = [(f"{k} {old!r} (this run: {new!r})", key) for k, key, old, new in settings
+             if old != new and not (known_only and old is None)]  # fmt: skip
+    if not wrong:
+        return ""
+    keys = ", ".join(dict.fromkeys(key for _, key in wrong))
+    return f"{', '.join(text for text, _ in wrong)}; set {keys} to match it"
+
+
+def load_pretrained(cfg: Config, backbone: nn.Module) -> None:
+    """The backbone weights of checkpoint ``model.pretrained`` into ``backbone``, refused in one line when
+    they were trained with another architecture, embedding or input size or colour order."""
+    path = cfg.model.pretrained
+    state = load_checkpoint(path)
+    wrong = mismatched(saved_backbone_settings(cfg, state.get("meta", {})))
+    if wrong:
+        raise CheckpointError(f"model.pretrained {path}: trained with {wrong}")
+    backbone.load_state_dict(state["backbone"])
+
+
+def copy_mapped_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Copy the optimizer state tensors that ``optimizer.load_state_dict`` kept as views of the memory-mapped
+    checkpoint ``saved`` (same device and dtype: it does not copy), so a resumed run holds no mapping of a
+    file that pruning (``train.keep_last``) may delete."""
+    mapped = {v.untyped_storage().data_ptr() for s in saved["state"].values() for v in s.values()
+              if torch.is_tensor(v) and v.device.type == "cpu"}  # fmt: skip
+    for per_param in optimizer.state.values():
+        for key, value in per_param.items():
+            on_cpu = torch.is_tensor(value) and value.device.type == "cpu"
+            if on_cpu and value.untyped_storage().data_ptr() in mapped:
+                per_param[key] = value.clone()

@@ -17,7 +17,8 @@ copies the weights (d = 0, as ``ModelEmaV3``), and ``warmup`` lets the average f
 
 With ``every`` 1 and no skipped step, n is the optimizer step and the decays are ``ModelEmaV3``'s. The
 average lives on the training device or on the CPU (``device``), in the backbone's dtypes. It needs torch
-only: the loop (``train.py``) builds it, updates it, saves and restores it, and validates it.
+only: the loop (``train.py``) builds it (:func:`build_ema`), updates it, saves and restores it
+(:func:`resume_ema`), and validates it.
 """
 
 from __future__ import annotations
@@ -109,3 +110,44 @@ class ModelEma:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["backbone"])
         self.updates = int(state["updates"])
+
+
+def build_ema(settings: Any, backbone: nn.Module, device: torch.device) -> ModelEma | None:
+    """The average of ``backbone``'s weights that the ``train.ema`` section ``settings`` asks for (None when
+    off), on the training ``device`` or the CPU, starting from the backbone's current weights."""
+    if not settings.enabled:
+        return None
+    where = torch.device("cpu") if settings.device == "cpu" else device
+    return ModelEma(
+        backbone, settings.decay, settings.warmup, settings.warmup_power, settings.every, device=where
+    )
+
+
+def describe_ema(ema: ModelEma, settings: Any, frozen: bool) -> str:
+    """The log line of the average's ``train.ema`` settings (and what averaging a ``frozen`` backbone
+    means)."""
+    warmup = f"power {settings.warmup_power:.4g}" if settings.warmup == "power" else settings.warmup
+    line = (
+        f"train.ema: an average of the backbone's weights, decay {settings.decay:g}, warmup {warmup}, "
+        f"updated every {settings.every} optimizer step{'s' if settings.every > 1 else ''}, on "
+        f"{ema.device}, {ema.updates} updates so far; best.pt by the {settings.select_best} weights"
+    )
+    if frozen:
+        line += " (model.freeze_backbone: the backbone does not change, so its average equals it)"
+    return line
+
+
+def resume_ema(
+    ema: ModelEma | None, saved: dict[str, Any] | None, backbone: nn.Module
+) -> tuple[str, dict[str, Any]]:
+    """A checkpoint's ``ema`` entry ``saved`` into ``ema``; without one (the run had train.ema off) the
+    average starts from the resumed ``backbone``. Returns (what the resume line says of it, '' when nothing
+    changes; the average's latest validation results)."""
+    if ema is None:
+        dropped = saved is not None
+        return ("; train.ema is off: the checkpoint's average is not carried on" if dropped else ""), {}
+    if saved is None:
+        ema.restart(backbone)
+        return "; the checkpoint holds no train.ema average: it starts from the resumed weights", {}
+    ema.load_state_dict(saved)
+    return "", saved.get("validation", {})
