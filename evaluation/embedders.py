@@ -343,10 +343,7 @@ def load_embedder(
         state = from_adaface(state, backbone) if adaface else from_insightface(state)
     except (ConversionError, UnknownNameError) as err:
         raise ValueError(f"{path}: {err}") from None
-    embedding_size = next(
-        (v.shape[0] for k, v in state.items() if k.startswith("features.") and v.ndim == 1), 512
-    )
-    model = _backbone(path, backbone, embedding_size=int(embedding_size))
+    model = _backbone(path, backbone, embedding_size=_embedding_size(path, backbone, state))
     _load_backbone_weights(path, model, state, f"backbone {backbone!r}")
     return TorchEmbedder(model, color or ("bgr" if adaface else "rgb"), device, precision=precision)
 
@@ -384,6 +381,22 @@ def _backbone(path: Path, arch: str, **kwargs: object) -> nn.Module:
         return build_backbone(arch, **kwargs)
     except UnknownNameError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _embedding_size(path: Path, arch: str, state: dict) -> int:
+    """The embedding size of backbone state dict ``state`` for architecture ``arch``: the length of the
+    tensor where ``arch`` keeps it, its last 1-D tensor (the BN after the embedding layer in IResNet,
+    MobileFaceNet and ViT), found by building ``arch`` without memory (the meta device, or the CPU for an
+    architecture whose construction computes on its tensors). The default size when ``state`` lacks that
+    tensor; loading then names what does not fit."""
+    try:
+        with torch.device("meta"):
+            probe = _backbone(path, arch)
+    except (NotImplementedError, RuntimeError):
+        probe = _backbone(path, arch)
+    last = [k for k, v in probe.state_dict().items() if v.ndim == 1][-1]
+    found = state.get(last)
+    return int(found.shape[0]) if torch.is_tensor(found) and found.ndim == 1 else int(probe.embedding_size)
 
 
 def _load_backbone_weights(path: Path, model: nn.Module, state: dict, what: str) -> None:

@@ -14,10 +14,11 @@ from typing import Any
 
 from torch import nn
 
+from backbones.contract import has_feature_output
 from core.config import Config, ConfigError
 from objectives.base import OBJECTIVES, TrainingData, check_fits, require_entry
 from objectives.metric import Metric, check_pk_settings
-from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size, has_feature_output
+from probface.model import ProbFaceNet, UncertaintyModule, conv_final_size
 
 
 def build_uncertainty(cfg: Config, backbone: nn.Module) -> UncertaintyModule:

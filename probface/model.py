@@ -20,11 +20,12 @@ e.g. 0.1: after 60 steps at 0.005 the running statistics are still 74% their ini
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 from torch import nn
+
+from backbones.contract import has_feature_output
 
 KINDS = ("scalar", "per_dim")
 BETA_INIT = {"scalar": -1.0, "per_dim": -7.0}
@@ -71,11 +72,6 @@ class UncertaintyModule(nn.Module):
             z = self.bn2(self.fc2(self.relu(self.bn1(self.fc1(x)))))
             floor = torch.tensor(math.log(SIGMA2_FLOOR), device=z.device)
             return torch.logaddexp(self.gamma * z + self.beta, floor)  # log(1e-6 + exp(.)), no overflow
-
-
-def has_feature_output(backbone: nn.Module) -> bool:
-    """Whether ``backbone(x, return_features=True)`` returns ``(embedding, conv_final)``."""
-    return "return_features" in inspect.signature(backbone.forward).parameters
 
 
 def conv_final_size(backbone: nn.Module, input_size: int) -> int:

@@ -66,6 +66,24 @@ def test_insightface_state_dict_saved_from_ddp_loads(tmp_path):
     assert_close_scaled(embed(images), expected, rtol=1e-4)
 
 
+@pytest.mark.parametrize("order", ["saved", "reversed"])
+@pytest.mark.parametrize("arch, size", [("mbf", 128), ("r18", 256), ("vit_xs", 64)])
+def test_a_plain_state_dict_of_another_embedding_size_loads(tmp_path, arch, size, order):
+    """A state dict's embedding size is read from the tensor that holds it in the named architecture (the
+    last 1-D one: mbf's GDC BN, IResNet's features BN, the ViT's last BN), whatever the order of the file's
+    keys; not from the first 1-D tensor of a ``features.`` module, which in mbf is the depthwise
+    convolution's BN, 512 wide whatever the embedding size."""
+    model = randomize(build_backbone(arch, embedding_size=size))
+    items = list(model.state_dict().items())
+    torch.save(dict(reversed(items) if order == "reversed" else items), tmp_path / "model.pt")
+    embed = load_embedder(tmp_path / "model.pt", backbone=arch)
+    images = faces(2, 5)
+    with torch.no_grad():
+        expected = model.eval()(images.float() / 127.5 - 1.0)
+    assert expected.shape == (2, size)
+    assert_close_scaled(embed(images), expected, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------- feature cache
 
 
