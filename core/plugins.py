@@ -14,9 +14,11 @@ must be on ``sys.path``, e.g. through ``PYTHONPATH``).
 Each file is imported once per process, keyed by its resolved path: a second config naming it (a resumed
 run, a checkpoint being evaluated) finds it imported and registers nothing twice. A file that does not import
 (missing, a syntax error, an exception, a name already registered) is one line naming it and the reason, with
-the file's own line where there is one; ``allow_failed_imports: true`` turns that line into a warning.
+the file's own line where there is one, and leaves no name of its registered; ``allow_failed_imports: true``
+turns that line into a warning.
 
-This module imports the user's files and modules only; it knows no registry, model or dataset.
+This module imports the user's files and modules only; it knows no model or dataset, and of the registries
+only what names they hold (to forget those of a file that failed part-way).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from core.registry import ConfigError, DuplicateNameError
+from core.registry import ConfigError, DuplicateNameError, forget_names_since, registered_names
 
 KEY = "custom_imports"
 _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -83,8 +85,15 @@ def as_mapping(value: Any) -> dict[str, Any]:
 
 
 def import_entry(entry: str) -> ModuleType:
-    """Import one ``custom_imports`` entry (an absolute file, or a module name) once per process."""
-    return _import_file(Path(entry)) if is_file(entry) else _import_module(entry)
+    """Import one ``custom_imports`` entry (an absolute file, or a module name) once per process. An entry
+    that fails part-way registers nothing: the names it registered before failing are forgotten, so
+    neither a later name nor a retry meets a half-imported part."""
+    before = registered_names()
+    try:
+        return _import_file(Path(entry)) if is_file(entry) else _import_module(entry)
+    except CustomImportError:
+        forget_names_since(before)
+        raise
 
 
 def import_custom(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import typing
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,12 +43,16 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+_REGISTRIES: weakref.WeakSet[Registry] = weakref.WeakSet()  # every registry, for :func:`registered_names`
+
+
 class Registry:
     """A mapping from names to factories (classes or functions) of one kind of part."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[..., Any]] = {}
+        _REGISTRIES.add(self)
 
     def register(self, name: str | None = None, *aliases: str) -> Callable[[T], T]:
         """Decorator registering a factory under ``name`` (default: its ``__name__``) and aliases."""
@@ -133,3 +138,19 @@ def _annotations(factory: Callable[..., Any]) -> dict[str, Any]:
         return typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
     except Exception:  # an annotation naming something only a type checker imports: no type checks
         return {}
+
+
+def registered_names() -> dict[Registry, set[str]]:
+    """The names every registry holds now (:func:`forget_names_since` takes it)."""
+    return {registry: set(registry._factories) for registry in list(_REGISTRIES)}
+
+
+def forget_names_since(before: dict[Registry, set[str]]) -> list[str]:
+    """Unregister every name registered since ``before`` (:func:`registered_names`), e.g. by a user's file
+    that failed halfway through importing; returns them as "kind 'name'"."""
+    forgotten = []
+    for registry in list(_REGISTRIES):
+        for key in set(registry._factories) - before.get(registry, set()):
+            del registry._factories[key]
+            forgotten.append(f"{registry.kind} {key!r}")
+    return sorted(forgotten)

@@ -242,6 +242,43 @@ def test_a_file_that_does_not_import_is_one_line_naming_the_key_file_and_reason(
     assert [re.search(reason, str(w.message)) is not None for w in caught] == [True], caught
 
 
+HALFWAY = """from torch import nn
+
+from backbones import BACKBONES
+from heads import HEADS
+
+
+@BACKBONES.register("halfway_net")
+class HalfwayNet(nn.Module):
+    pass
+
+
+@HEADS.register("halfway_head")
+class HalfwayHead(nn.Module):
+    pass
+
+{ending}
+"""
+
+
+def test_a_file_that_fails_part_way_leaves_none_of_its_names(tmp_path):
+    """The names a file registered before failing are forgotten: the one-line error, and then, with the
+    file mended, the same config imports it and both names are the mended file's."""
+    from backbones import BACKBONES
+    from heads import HEADS
+
+    source = tmp_path / "halfway.py"
+    source.write_text(HALFWAY.format(ending="raise RuntimeError('not finished')"))
+    config = write_yaml(tmp_path / "exp.yaml", {"custom_imports": ["halfway.py"]})
+    with pytest.raises(ConfigError, match=r"halfway\.py line 16: RuntimeError: not finished"):
+        load_config(config)
+    assert "halfway_net" not in BACKBONES and "halfway_head" not in HEADS
+    source.write_text(HALFWAY.format(ending=""))
+    load_config(config)
+    assert BACKBONES.get("halfway_net").__module__ == HEADS.get("halfway_head").__module__
+    assert BACKBONES.get("halfway_net").__module__.startswith("_custom_import_halfway_")
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
