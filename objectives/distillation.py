@@ -176,10 +176,6 @@ class Distillation(Objective):
         own = [self.projection] if self.projection is not None else []
         return [*(self.classification.parameter_modules() if self.classification else []), *own]
 
-    def train_mode(self, backbone: nn.Module) -> None:
-        backbone.train()
-        self.train()
-
     def loss(
         self, outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, indices: torch.Tensor
     ) -> tuple[torch.Tensor, Any]:
