@@ -12,6 +12,7 @@ its context); :func:`describe_os_error` words any other ``OSError`` the same way
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -85,6 +86,14 @@ def atomic_write(
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
+
+
+def write_json(path: str | os.PathLike[str], data: Any, indent: int = 2) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (:func:`atomic_write`): a reader sees the old file or the
+    whole new one. Returns the path."""
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=indent)
+    return Path(path)
 
 
 @contextmanager

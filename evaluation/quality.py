@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from core.fileio import atomic_write
+from core.fileio import atomic_write, write_json
 
 FMRS = (1e-3, 1e-4)
 DISCARD_LIMIT = 0.2
@@ -480,12 +480,10 @@ def write_outputs(
     dump: Callable[[], dict[str, np.ndarray]],
 ) -> list[Path]:
     """The JSON, the plot and the dump the options ask for (atomically); returns the files written."""
-    import json
 
     written = []
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
+        write_json(args.json, results)
         written.append(args.json)
     if args.plot:
         written.append(plot_edc(results["edc"], args.plot, title, args.discard_limit))

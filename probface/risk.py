@@ -25,7 +25,6 @@ The sigma^2 percentiles of the set's images are printed too.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from core.checkpoint import CheckpointError
-from core.fileio import atomic_write
+from core.fileio import write_json
 from data.verification import VerificationFileError, load_bin
 from evaluation.options import add_batch_arguments, run_settings
 from evaluation.verification import accuracy_curve, contiguous_folds, evaluate_pairs
@@ -200,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         risks=args.risks, pairs=args.pairs or "all",
     )  # fmt: skip
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
+        write_json(args.json, results)
     return 0
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
 import statistics
@@ -54,7 +53,7 @@ import numpy as np
 import torch
 
 from backbones import build_backbone
-from core.fileio import atomic_write
+from core.fileio import write_json
 from core.paths import shared_data_dir
 from core.threads import load_average, use_threads
 from data.decode import decode_rgb
@@ -422,8 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["decode"] = bench_decode(path, args.workers)
         print(format_header(report), flush=True)
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(args.json, report)
     return 0
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from core.fileio import atomic_write
+from core.fileio import write_json
 from core.paths import shared_data_dir
 from core.threads import load_average
 from face_alignment.align import ARCFACE_TEMPLATE
@@ -198,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["load_average_at_end"] = load_average()
     print(format_report(report))
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(args.json, report)
     return 0
 
 

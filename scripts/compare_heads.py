@@ -16,7 +16,6 @@ holds the result), so an interrupted comparison continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from core.checkpoint import load_checkpoint
-from core.fileio import atomic_write
+from core.fileio import atomic_write, write_json
 from core.logbook import read_scalars
 from core.paths import PROJECT_ROOT, shared_data_dir
 from scripts.demo import CURVES, plot_learning_curves, prepare_training_rec, prepare_validation
@@ -132,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out / "heads.json", "w", encoding="utf-8") as fh:
-        json.dump({"config": str(args.config), "overrides": args.set, "rows": rows, "curves": curves}, fh,
-                  indent=2)  # fmt: skip
+    write_json(
+        args.out / "heads.json",
+        {"config": str(args.config), "overrides": args.set, "rows": rows, "curves": curves},
+    )
     with atomic_write(args.out / "heads.md", "w", encoding="utf-8") as fh:
         fh.write(table + "\n")
     plot(rows, curves, args.out / "heads.png")

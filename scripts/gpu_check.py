@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import platform
@@ -46,7 +45,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -56,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.fileio import write_json
 from core.paths import PROJECT_ROOT
 
 IJBC_IMAGES = 469_375
@@ -1086,9 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         "parts": parts,
         "json": str(path),
     }
-    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as tmp:
-        json.dump(report, tmp, indent=1)
-    os.replace(tmp.name, path)
+    write_json(path, report, indent=1)
     print(table(report).split("\n", 1)[1], flush=True)
     failed = [name for name, record in parts.items() if record.get("status") == "failed"]
     failed += [

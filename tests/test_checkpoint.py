@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import re
@@ -21,7 +22,7 @@ from core.checkpoint import (
     save_checkpoint,
     save_step_checkpoint,
 )
-from core.fileio import WriteError, atomic_write, describe_os_error, remove_stale_temp_files
+from core.fileio import WriteError, atomic_write, describe_os_error, remove_stale_temp_files, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +59,17 @@ def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_write_json_replaces_whole_or_not_at_all(tmp_path):
+    """The evaluators' result files: the new JSON whole, or (a value JSON cannot hold, met after part of the
+    file was written) the old file as it was and no temporary file."""
+    path = write_json(tmp_path / "results.json", {"lfw": {"accuracy": 0.9965}, "pairs": [1, 2]})
+    assert json.loads(path.read_text()) == {"lfw": {"accuracy": 0.9965}, "pairs": [1, 2]}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_json(path, {"lfw": {"accuracy": 0.5}, "model": object()})
+    assert json.loads(path.read_text()) == {"lfw": {"accuracy": 0.9965}, "pairs": [1, 2]}
+    assert os.listdir(tmp_path) == ["results.json"]
 
 
 class FillsTheDisk:

@@ -11,7 +11,6 @@ the mean accuracy, with the switches that produced them (colour order, flip fusi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.cli import check_writable, error_line, main_guard
-from core.fileio import atomic_write
+from core.fileio import write_json
 from data.verification import VerificationFileError, load_bin
 from evaluation.cache import FeatureCache
 from evaluation.embedders import embedder_key
@@ -116,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(settings_line(results["settings"]))
     print(format_table(results))
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
+        write_json(args.json, results)
     return 0
 
 

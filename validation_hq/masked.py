@@ -19,7 +19,6 @@ go. Image i's mask is drawn from ``(seed, i)``, so ``one`` and ``both`` put the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from core.fileio import atomic_write
+from core.fileio import atomic_write, write_json
 from data import masks
 from data.decode import DecodeError
 from data.verification import VerificationFileError, load_bin
@@ -316,8 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      crossing=args.crossing, pairs_used=pairs_used,
                                      distance="euclidean, unit features"),
         }  # fmt: skip
-        with atomic_write(args.json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(args.json, report)
     return 0
 
 

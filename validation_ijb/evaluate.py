@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from core.cli import check_writable, error_line, main_guard
-from core.fileio import atomic_write
+from core.fileio import atomic_write, write_json
 from evaluation.cache import FeatureCache, read_features, write_features
 from evaluation.embedders import embedder_key
 from evaluation.extract import extract_dataset
@@ -329,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stem = f"{args.dataset}_{args.model.stem}"
         with atomic_write(args.out / f"{stem}.txt", "w", encoding="utf-8") as fh:
             fh.write(f"{about}\n{table}\n")
-        with atomic_write(args.out / f"{stem}.json", "w", encoding="utf-8") as fh:
-            json.dump(to_json(results), fh, indent=2)
+        write_json(args.out / f"{stem}.json", to_json(results))
         if meta.pairs is not None:
             title = f"{DATASETS[args.dataset][0]} 1:1 ROC, {args.model.name}"
             plot_roc(results, args.out / f"{stem}_roc.png", title)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from core.cli import check_writable, error_line, main_guard
-from core.fileio import atomic_write
+from core.fileio import write_json
 from core.paths import PROJECT_ROOT
 from evaluation.cache import FeatureCache
 from evaluation.embedders import embedder_key
@@ -251,8 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(settings_line(settings))
     print(format_table(result))
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"megaface": result, "settings": settings}, fh, indent=2)
+        write_json(args.json, {"megaface": result, "settings": settings})
     return 0
 
 

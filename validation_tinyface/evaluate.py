@@ -17,7 +17,6 @@ needs ``--identities FILE`` (``<image> <identity>`` per line, the image as ``Pro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from core.cli import check_writable, error_line, main_guard
-from core.fileio import atomic_write
+from core.fileio import write_json
 from data.decode import decode_rgb
 from evaluation.cache import FeatureCache
 from evaluation.embedders import embedder_key
@@ -136,8 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(settings_line(settings))
     print(format_table(result, args.ranks))
     if args.json:
-        with atomic_write(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"tinyface": result, "settings": settings}, fh, indent=2)
+        write_json(args.json, {"tinyface": result, "settings": settings})
     return 0
 
 
