@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import resource
 import statistics
 import subprocess
@@ -64,6 +63,7 @@ from evaluation.extract import extract, extract_dataset
 from evaluation.folding import largest_difference
 from evaluation.verification import verification_results
 from scripts.export_onnx import export
+from scripts.memory import peak_rss_mib, reset_peak_rss, rss_mib
 
 
 class EncodedImages(torch.utils.data.Dataset):
@@ -77,36 +77,6 @@ class EncodedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> np.ndarray:
         return decode_rgb(self.encoded[i], f"image {i}").transpose(2, 0, 1)
-
-
-def peak_rss_mib() -> float:
-    """The process's peak resident set size, MiB: the kernel's high-water mark since the last
-    :func:`reset_peak_rss` (``VmHWM``), else the maximum over the process's life (``ru_maxrss``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def rss_mib() -> float:
-    """The process's resident set size now, MiB (0 where /proc is missing)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return 0.0
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process's resident memory (Linux 4.0+); False where it
-    cannot be reset (the peak is then the process's maximum so far)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:

@@ -24,7 +24,6 @@ import json
 import os
 import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,52 +37,9 @@ from core.checkpoint import load_checkpoint, save_checkpoint
 from core.distributed import all_gather_padded, barrier
 from heads import build_head
 from heads.partial_fc import PartialFC, shard_range
+from scripts.memory import Peak
 
 WEBFACE42M_CLASSES = 2_059_906
-
-
-def _status(key: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process in GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-class Peak:
-    """Peak resident memory of a phase: the high-water mark is reset when it starts. Beside it, the peak of
-    the anonymous part (``RssAnon``, sampled every 20 ms): memory the kernel cannot drop, unlike the pages
-    of files (the spilled gather of :mod:`core.spill`, a memory-mapped checkpoint), which count in the
-    resident set while they are there but leave it under memory pressure."""
-
-    def __enter__(self) -> Peak:
-        Path("/proc/self/clear_refs").write_text("5")
-        self.start, self.t0 = _status("VmRSS"), time.perf_counter()
-        self.anon_start = self.anon_peak = _status("RssAnon")
-        self._stop = threading.Event()
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.anon_peak = max(self.anon_peak, _status("RssAnon"))
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
-        self._stop.set()
-        self._sampler.join()
-        self.peak = _status("VmHWM")
-        self.extra = self.peak - self.start
-        self.anon_peak = max(self.anon_peak, _status("RssAnon"))
-
-    def row(self) -> dict[str, float]:
-        return {
-            "seconds": round(self.seconds, 3),
-            "peak_gb": round(self.peak, 3),
-            "extra_gb": round(self.extra, 3),
-            "anon_extra_gb": round(self.anon_peak - self.anon_start, 3),
-        }
 
 
 def _old_gather(pfc: PartialFC, optimizer: torch.optim.Optimizer) -> dict:

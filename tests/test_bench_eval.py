@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import time
 
 import cv2
 import numpy as np
@@ -18,6 +19,7 @@ from evaluation.embedders import TorchEmbedder, load_embedder
 from evaluation.extract import extract
 from evaluation.verification import evaluate_pairs, fuse_flip
 from scripts import bench_eval
+from scripts.memory import Peak
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def test_bench_eval_reports_every_row(shared_data, tmp_path, monkeypatch, capsys
 def _touched_pages(mib: int) -> mmap.mmap:
     """``mib`` MiB of fresh anonymous pages from the kernel, every page written (resident), whatever the
     C allocator would have reused."""
-    block, chunk = mmap.mmap(-1, mib * 2**20), b"\x01" * 2**20
+    block, chunk = mmap.mmap(-1, mib * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), b"\x01" * 2**20
     for _ in range(mib):
         block.write(chunk)
     return block
@@ -144,6 +146,21 @@ def test_the_peak_is_reset_before_a_measured_step():
     peak = bench_eval.peak_rss_mib()
     block.close()
     assert before + 0.9 * 64 <= peak < before + 128, (before, peak)
+
+
+def test_a_phase_peak_counts_the_phase_alone_and_its_anonymous_part():
+    """scripts.memory.Peak (bench_pfc_scale's phases): a phase that touches 64 MiB of anonymous pages after
+    a 256 MiB one was freed reports about 64 MiB above its start, in the resident set and in RssAnon."""
+    big = _touched_pages(256)
+    big.close()
+    with Peak() as phase:
+        block = _touched_pages(64)
+        time.sleep(0.1)  # the RssAnon sampler reads every 20 ms
+        block.close()
+    row, mib = phase.row(), 1 / 1024
+    assert 0.9 * 64 * mib <= row["extra_gb"] < 128 * mib, row
+    assert 0.9 * 64 * mib <= row["anon_extra_gb"] < 128 * mib, row
+    assert row["peak_gb"] >= row["extra_gb"] and row["seconds"] >= 0.1
 
 
 class _Named:
