@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -44,6 +43,7 @@ from core.paths import shared_data_dir
 from core.threads import loader_worker_init
 from data.recordio import RecordIOFaceSet, RecordIOWriter, pack
 from data.transforms import PRESETS, FaceDataset, FaceTransform, collate_faces
+from scripts.bench_support import busy_processes
 
 # Runs inside the MXNet interpreter: argv = rec, idx, keys file; prints one JSON line.
 MXNET_READER = """
@@ -177,20 +177,6 @@ def bench_loader(
         "startup_s": ready - start,
         "images_per_s": count / seconds if count else float("nan"),
     }
-
-
-@contextmanager
-def busy_processes(count: int) -> Iterator[None]:
-    """``count`` CPU-bound processes (``python -c "while True: pass"``) running for the block."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    try:
-        time.sleep(0.5 if count else 0)  # let them take their cores
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-        for proc in procs:
-            proc.wait()
 
 
 def bench_loaders(args: argparse.Namespace, rec: Path) -> list[dict]:

@@ -39,12 +39,10 @@ import argparse
 import gc
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +60,8 @@ from evaluation.embedders import OnnxEmbedder, TorchEmbedder, load_embedder, ses
 from evaluation.extract import extract, extract_dataset
 from evaluation.folding import largest_difference
 from evaluation.verification import verification_results
+from scripts.bench_support import busy_processes, peak_rss_mib, reset_peak_rss, rss_mib
 from scripts.export_onnx import export
-from scripts.memory import peak_rss_mib, reset_peak_rss, rss_mib
 
 
 class EncodedImages(torch.utils.data.Dataset):
@@ -234,20 +232,6 @@ def compare_runtimes(
     finally:
         torch.set_num_threads(before)
     return rows
-
-
-@contextmanager
-def busy_processes(count: int) -> Iterator[None]:
-    """``count`` CPU-bound processes (``python -c "while True: pass"``) running for the block."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    try:
-        time.sleep(0.5 if count else 0)  # let them take their cores
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-        for proc in procs:
-            proc.wait()
 
 
 def decoded(path: Path, count: int) -> np.ndarray:

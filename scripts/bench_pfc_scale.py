@@ -37,7 +37,7 @@ from core.checkpoint import load_checkpoint, save_checkpoint
 from core.distributed import all_gather_padded, barrier
 from heads import build_head
 from heads.partial_fc import PartialFC, shard_range
-from scripts.memory import Peak
+from scripts.bench_support import Peak
 
 WEBFACE42M_CLASSES = 2_059_906
 

@@ -19,7 +19,7 @@ from evaluation.embedders import TorchEmbedder, load_embedder
 from evaluation.extract import extract
 from evaluation.verification import evaluate_pairs, fuse_flip
 from scripts import bench_eval
-from scripts.memory import Peak
+from scripts.bench_support import Peak
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,8 @@ def test_the_peak_is_reset_before_a_measured_step():
 
 
 def test_a_phase_peak_counts_the_phase_alone_and_its_anonymous_part():
-    """scripts.memory.Peak (bench_pfc_scale's phases): a phase that touches 64 MiB of anonymous pages after
-    a 256 MiB one was freed reports about 64 MiB above its start, in the resident set and in RssAnon."""
+    """scripts.bench_support.Peak (bench_pfc_scale's phases): a phase that touches 64 MiB of anonymous pages
+    after a 256 MiB one was freed reports about 64 MiB above its start, in the resident set and in RssAnon."""
     big = _touched_pages(256)
     big.close()
     with Peak() as phase:

@@ -1,5 +1,6 @@
-"""This process's memory as the benchmarks report it (Linux ``/proc``): the resident set now, its
-high-water mark and the reset of that mark, and :class:`Peak` for a phase.
+"""What the benchmarks share: this process's memory as they report it (Linux ``/proc``): the resident set
+now, its high-water mark and the reset of that mark, and :class:`Peak` for a phase; and
+:func:`busy_processes`, the CPU-bound neighbours a figure "beside a busy process" is measured with.
 
 The kernel keeps the high-water mark of the resident set (``VmHWM``); writing 5 to ``/proc/self/clear_refs``
 (Linux 4.0+) resets it to the current size, so the peak of one phase is read without the phases before it.
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 GIB_PER_KIB = 1 / 2**20
@@ -89,3 +94,17 @@ class Peak:
             "extra_gb": round(self.extra, 3),
             "anon_extra_gb": round(self.anon_peak - self.anon_start, 3),
         }
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` CPU-bound processes (``python -c "while True: pass"``) running for the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5 if count else 0)  # let them take their cores
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
