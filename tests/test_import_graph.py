@@ -20,10 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 NOT_FOR_CORE = ("backbones", "heads", "losses", "data", "evaluation", "objectives", "mining", "probface",
                 "face_alignment")  # fmt: skip
 
-# core/ files allowed to import from above while train.py still imports them (each re-exports what moved
-# to evaluation/). Delete an entry together with its file; the test says when one is no longer needed.
-CORE_SHIMS_FOR_TRAIN_PY: dict[str, set[str]] = {}
-
 
 def imports(path: Path) -> list[tuple[int, str, list[str]]]:
     """(line, module, imported names) of every absolute import in ``path``."""
@@ -48,14 +44,12 @@ def python_files(*folders: str) -> list[Path]:
     return sorted(f for folder in folders for f in (ROOT / folder).rglob("*.py"))
 
 
-def refused(
-    files: list[Path], forbidden: Callable[[Path, str], bool], allowed: dict[str, set[str]] | None = None
-) -> list[str]:
+def refused(files: list[Path], forbidden: Callable[[Path, str], bool]) -> list[str]:
     out = []
     for path in files:
         rel = path.relative_to(ROOT).as_posix()
         for line, module, _ in imports(path):
-            if forbidden(path, top(module)) and top(module) not in (allowed or {}).get(rel, set()):
+            if forbidden(path, top(module)):
                 out.append(f"{rel}:{line} imports {module}")
     return out
 
@@ -63,16 +57,8 @@ def refused(
 def test_core_imports_no_models_data_or_evaluators():
     files = python_files("core")
     assert files, "no core/*.py found"
-    bad = refused(
-        files, lambda _, t: t in NOT_FOR_CORE or t.startswith("validation_"), CORE_SHIMS_FOR_TRAIN_PY
-    )
+    bad = refused(files, lambda _, t: t in NOT_FOR_CORE or t.startswith("validation_"))
     assert not bad, "core/ must not import models, data or evaluators:\n" + "\n".join(bad)
-    for rel, packages in CORE_SHIMS_FOR_TRAIN_PY.items():
-        path = ROOT / rel
-        needed = path.is_file() and any(top(m) in packages for _, m, _ in imports(path))
-        assert needed, (
-            f"{rel} no longer imports {', '.join(sorted(packages))}: remove it from CORE_SHIMS_FOR_TRAIN_PY"
-        )
 
 
 def test_the_rule_catches_an_import_from_above(tmp_path):
