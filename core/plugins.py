@@ -87,12 +87,13 @@ def as_mapping(value: Any) -> dict[str, Any]:
 def import_entry(entry: str) -> ModuleType:
     """Import one ``custom_imports`` entry (an absolute file, or a module name) once per process. An entry
     that fails part-way registers nothing: the names it registered before failing are forgotten, so
-    neither a later name nor a retry meets a half-imported part."""
+    neither a later name nor a retry meets a half-imported part. Names registered by modules it imported
+    that did import (the framework's, a helper of the user's) stay, as those modules stay imported."""
     before = registered_names()
     try:
         return _import_file(Path(entry)) if is_file(entry) else _import_module(entry)
     except CustomImportError:
-        forget_names_since(before)
+        forget_names_since(before, lambda factory: getattr(factory, "__module__", None) not in sys.modules)
         raise
 
 

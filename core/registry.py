@@ -145,12 +145,16 @@ def registered_names() -> dict[Registry, set[str]]:
     return {registry: set(registry._factories) for registry in list(_REGISTRIES)}
 
 
-def forget_names_since(before: dict[Registry, set[str]]) -> list[str]:
-    """Unregister every name registered since ``before`` (:func:`registered_names`), e.g. by a user's file
-    that failed halfway through importing; returns them as "kind 'name'"."""
+def forget_names_since(
+    before: dict[Registry, set[str]], forget: Callable[[Any], bool] = lambda factory: True
+) -> list[str]:
+    """Unregister every name registered since ``before`` (:func:`registered_names`) whose factory ``forget``
+    accepts, e.g. those of a user's file that failed halfway through importing; returns them as
+    "kind 'name'"."""
     forgotten = []
     for registry in list(_REGISTRIES):
         for key in set(registry._factories) - before.get(registry, set()):
-            del registry._factories[key]
-            forgotten.append(f"{registry.kind} {key!r}")
+            if forget(registry._factories[key]):
+                del registry._factories[key]
+                forgotten.append(f"{registry.kind} {key!r}")
     return sorted(forgotten)

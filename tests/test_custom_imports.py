@@ -21,6 +21,7 @@ from backbones import BACKBONES, build_backbone
 from core.checkpoint import load_checkpoint
 from core.config import ConfigError, dump_config, load_config
 from core.plugins import import_checkpoint_imports
+from core.registry import forget_names_since, registered_names
 from data.decode import decode_face
 from data.image_folder import ImageFolderFaces
 from data.transforms import normalize_batch
@@ -244,6 +245,7 @@ def test_a_file_that_does_not_import_is_one_line_naming_the_key_file_and_reason(
 
 HALFWAY = """from torch import nn
 
+import halfway_helper  # noqa: F401 (a module of the user's that imports, and registers a name)
 from backbones import BACKBONES
 from heads import HEADS
 
@@ -260,23 +262,44 @@ class HalfwayHead(nn.Module):
 {ending}
 """
 
+HALFWAY_HELPER = """from torch import nn
 
-def test_a_file_that_fails_part_way_leaves_none_of_its_names(tmp_path):
+from losses import LOSSES
+
+
+@LOSSES.register("halfway_helper_loss")
+class HelperLoss(nn.Module):
+    pass
+"""
+
+
+@pytest.fixture
+def forget_test_names():
+    """Names registered during the test are forgotten after it (other tests list every registered part)."""
+    before = registered_names()
+    yield
+    forget_names_since(before)
+
+
+def test_a_file_that_fails_part_way_leaves_none_of_its_names(tmp_path, monkeypatch, forget_test_names):
     """The names a file registered before failing are forgotten: the one-line error, and then, with the
-    file mended, the same config imports it and both names are the mended file's."""
-    from backbones import BACKBONES
-    from heads import HEADS
-
+    file mended, the same config imports it and both names are the mended file's. A module the file
+    imported, which did import, keeps its name: it stays imported and would not register it again."""
+    (tmp_path / "halfway_helper.py").write_text(HALFWAY_HELPER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "halfway_helper", raising=False)
     source = tmp_path / "halfway.py"
     source.write_text(HALFWAY.format(ending="raise RuntimeError('not finished')"))
     config = write_yaml(tmp_path / "exp.yaml", {"custom_imports": ["halfway.py"]})
-    with pytest.raises(ConfigError, match=r"halfway\.py line 16: RuntimeError: not finished"):
+    with pytest.raises(ConfigError, match=r"halfway\.py line 17: RuntimeError: not finished"):
         load_config(config)
     assert "halfway_net" not in BACKBONES and "halfway_head" not in HEADS
+    assert LOSSES.get("halfway_helper_loss").__module__ == "halfway_helper"
     source.write_text(HALFWAY.format(ending=""))
     load_config(config)
     assert BACKBONES.get("halfway_net").__module__ == HEADS.get("halfway_head").__module__
     assert BACKBONES.get("halfway_net").__module__.startswith("_custom_import_halfway_")
+    monkeypatch.delitem(sys.modules, "halfway_helper")
 
 
 @pytest.mark.parametrize(
