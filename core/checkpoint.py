@@ -7,6 +7,10 @@ plain Python values, so loading never unpickles code. It holds no random generat
 draws everything random from the seed, the rank, the step, the epoch and the image index (see
 ``train.seed_step``), so the step and the sampler position are all a resumed run needs to draw, on every
 rank, what an uninterrupted run would have drawn.
+
+The ``meta`` entries of the backbone (:func:`backbone_meta`) are also what a run compares with its config
+before it takes a checkpoint's weights (``model.pretrained``, ``--resume``): other weights are refused in one
+line naming the settings that differ (:func:`mismatched`).
 """
 
 from __future__ import annotations
