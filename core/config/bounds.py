@@ -10,8 +10,6 @@ from typing import Any, Literal
 
 from core.registry import ConfigError
 
-# ------------------------------------------------------------------------------------------- bounds
-
 
 @dataclass(frozen=True)
 class Bounds:

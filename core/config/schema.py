@@ -9,7 +9,6 @@ from typing import Any, ClassVar, Literal
 from core.config.bounds import PROBABILITY, bounded, limits
 from core.config.yamlfile import locate
 
-# ----------------------------------------------------------------------------------------------- schema
 # Defaults follow insightface arcface_torch (MS1MV2, r50, ArcFace, SGD) unless a comment says otherwise.
 
 
