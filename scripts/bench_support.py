@@ -9,6 +9,7 @@ Where /proc is missing, the peak is the process's maximum so far (``ru_maxrss``)
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import subprocess
@@ -45,7 +46,7 @@ def peak_rss_mib() -> float:
     """The process's peak resident set size, MiB: the kernel's high-water mark since the last
     :func:`reset_peak_rss` (``VmHWM``), else the maximum over the process's life (``ru_maxrss``)."""
     peak = status_kib("VmHWM")
-    if peak == peak:  # not NaN
+    if not math.isnan(peak):
         return peak / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -67,7 +68,8 @@ class Peak:
     resident set while they are there but leave it under memory pressure."""
 
     def __enter__(self) -> Peak:
-        reset_peak_rss()
+        if not reset_peak_rss():  # a peak that includes earlier phases would be reported as this one's
+            raise OSError("cannot reset the peak resident set (/proc/self/clear_refs, Linux 4.0+)")
         self.start, self.t0 = status_kib("VmRSS") * GIB_PER_KIB, time.perf_counter()
         self.anon_start = self.anon_peak = status_kib("RssAnon") * GIB_PER_KIB
         self._stop = threading.Event()
