@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.config import ConfigError
-from core.threads import loader_worker_init
+from core.threads import fork_safe_opencv, loader_worker_init
 from data.bad_records import RECORD_ERRORS, BadRecords, ScreenedLoader, describe_error
 from data.transforms import FaceDataset, collate_faces, describe
 
@@ -187,6 +187,8 @@ class KeyedFaceDataset(FaceDataset):
     def loader(self, batch_sampler: Sampler, num_workers: int, pin_memory: bool = False) -> ScreenedLoader:
         """The training batches ``(images, labels, indices)`` in ``batch_sampler``'s order; bad records are
         reported to :attr:`bad_records` in the main process, whatever the number of workers."""
+        if num_workers > 0:
+            fork_safe_opencv()
         loader = DataLoader(
             _Reports(self), batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
             collate_fn=collate_faces, worker_init_fn=loader_worker_init,  # per-sample work: core.threads

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from core.distributed import all_gather_padded, get_rank, get_world_size
-from core.threads import loader_worker_init
+from core.threads import fork_safe_opencv, loader_worker_init
 from data.decode import decode_rgb
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
@@ -74,10 +74,7 @@ def extract_dataset(
     from tqdm import tqdm
 
     if num_workers > 0:
-        # The workers are forked: a worker forked while one of OpenCV's pool threads holds the pool's lock
-        # inherits it held and hangs at its first cv2 call. The loader parallelises over processes, so
-        # OpenCV's own threads are switched off (in this process, for good).
-        cv2.setNumThreads(0)
+        fork_safe_opencv()  # the loader parallelises over forked processes
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

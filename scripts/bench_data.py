@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from core.paths import shared_data_dir
-from core.threads import loader_worker_init
+from core.threads import fork_safe_opencv, loader_worker_init
 from data.recordio import RecordIOFaceSet, RecordIOWriter, pack
 from data.transforms import PRESETS, FaceDataset, FaceTransform, collate_faces
 from scripts.bench_support import busy_processes
@@ -158,6 +158,8 @@ def bench_loader(
     rec: Path, workers: int, batch_size: int, preset: str, collate: str = "numpy"
 ) -> dict[str, float]:
     """One shuffled epoch; throughput counts from the first batch on, so worker start-up is separate."""
+    if workers > 0:
+        fork_safe_opencv()
     loader = torch.utils.data.DataLoader(
         face_dataset(rec, preset), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=False,
         collate_fn=COLLATES[collate], worker_init_fn=loader_worker_init,

@@ -861,6 +861,9 @@ def generated_recordio(
     jobs = [(k, min(per_identity, images - k * per_identity), learnable) for k in range(identities)]
     jobs = [j for j in jobs if j[1] > 0]
     if images >= 2000 and workers > 1:
+        from core.threads import fork_safe_opencv
+
+        fork_safe_opencv()
         with ProcessPoolExecutor(min(workers, 16)) as pool:
             groups = list(pool.map(_identity_job, jobs, chunksize=8))
     else:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from core.cli import check_writable, error_line, main_guard
 from core.fileio import atomic_write
+from core.threads import fork_safe_opencv
 from data.decode import DecodeError, decode_rgb, encode_jpeg
 from data.image_folder import list_images, scan_identity_folders
 from data.recordio import pack_folder
@@ -94,6 +95,7 @@ def align_all(
     todo = [j for j in jobs if not Path(j[2]).is_file()]
     failures, several = [], 0
     if todo:
+        fork_safe_opencv()
         with Pool(workers, initializer=_init_worker, initargs=(detector,)) as pool:
             for photo, outcome, count in tqdm(pool.imap(align_one, todo, chunksize=16), total=len(todo),
                                               desc="align", disable=None):  # fmt: skip

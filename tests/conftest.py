@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +130,36 @@ class ShapesOnly:
             loss = (output * torch.linspace(-1, 1, output.shape[1])).sum()
             grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
         return [key for key, grad in zip(trainable, grads, strict=True) if grad is None]
+
+
+# --------------------------------------------------------------------- where the test process groups meet
+
+
+def rendezvous(folder: Path | str) -> str:
+    """The ``init_method`` of a test's gloo process group: a file store in the test's own folder. Tests that
+    run at once (pytest-xdist) never meet there, as they could at a TCP port chosen before the ranks start."""
+    return f"file://{Path(folder) / 'rendezvous'}"
+
+
+_PORT_CALLS = itertools.count()
+
+
+def free_tcp_port() -> int:
+    """A TCP port for ``MASTER_PORT`` (ranks started as torchrun starts them): free now and below the
+    kernel's ephemeral range, so no ``bind(("", 0))`` nor outgoing connection takes it while the ranks
+    start; each test process scans from its own place in the range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first, span = 10000, max(1000, low - 10000)
+    start = (os.getpid() * 7919 + next(_PORT_CALLS) * 101) % span
+    for k in range(span):
+        port = first + (start + k) % span
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in [{first}, {first + span})")

@@ -4,6 +4,9 @@ deliberate thread counts (core.threads, data.transforms.collate_faces)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 
 import cv2
@@ -16,14 +19,18 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from backbones import build_backbone
-from core.threads import loader_worker_init, thread_count
+from core.config import AugmentConfig
+from core.threads import fork_safe_opencv, loader_worker_init, thread_count
 from data.decode import encode_jpeg
-from data.transforms import PRESETS, FaceTransform, collate_faces
+from data.image_folder import ImageFolderFaces
+from data.sampler import GlobalBatchSampler, KeyedFaceDataset
+from data.transforms import PRESETS, FaceDataset, FaceTransform, collate_faces
 from evaluation import embedders
 from evaluation.embedders import OnnxEmbedder, TorchEmbedder
 from evaluation.extract import extract
 from evaluation.folding import fold_batchnorm, foldable_pairs
 from tests.conftest import assert_close_scaled
+from tests.synthetic_faces import write_identity_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -278,6 +285,41 @@ def test_loader_workers_decode_with_one_thread_each():
     assert batch[:, 0].tolist() == [1, 1]
 
 
+def _parallel_opencv_call() -> None:
+    cv2.setNumThreads(2)  # the pool on, and used: a process forked now may inherit its lock held
+    cv2.warpAffine(np.zeros((600, 600, 3), np.uint8), np.float32([[1, 0.1, 0], [0, 1, 0]]), (600, 600))
+
+
+def test_a_process_forked_after_fork_safe_opencv_runs_opencv_without_the_pool():
+    fork_safe_opencv()
+    assert cv2.getNumThreads() == 1
+    _parallel_opencv_call()  # code run later turns the pool back on ...
+    pid = os.fork()
+    if pid == 0:  # ... and the fork hook stopped it again: the child runs OpenCV on its own thread
+        os._exit(cv2.getNumThreads())
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 1
+
+
+def test_the_training_loader_stops_opencvs_pool_before_its_workers_fork(tmp_path):
+    write_identity_folder(tmp_path, identities=2, per_identity=4, size=32)
+    keyed = KeyedFaceDataset(
+        FaceDataset(ImageFolderFaces(tmp_path), FaceTransform(AugmentConfig(), image_size=32)), seed=0
+    )
+    _parallel_opencv_call()
+    keyed.loader(GlobalBatchSampler(len(keyed), 4, seed=0), num_workers=0)
+    assert cv2.getNumThreads() == 2  # no worker to fork: the main process keeps OpenCV's threads
+    loader = keyed.loader(GlobalBatchSampler(len(keyed), 4, seed=0), num_workers=1)
+    assert cv2.getNumThreads() == 1  # stopped before any fork, whatever hooks this process has
+    images, labels, _ = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and labels.tolist() != [-1] * 4
+
+
 class _Record(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
@@ -340,3 +382,12 @@ def test_a_cpu_batch_goes_through_in_slices(mbf, shared_data):
 
 def onnx_input(images: torch.Tensor) -> np.ndarray:
     return (images.float() / 127.5 - 1).numpy()
+
+
+def test_the_fork_check_prints_its_counts_and_no_hung_child_with_the_pool_stopped(capsys):
+    from scripts import check_fork_opencv
+
+    assert check_fork_opencv.main(["--trials", "4"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["trials"] == 4 and 0 <= row["hung_pool_running"] <= 4
+    assert row["hung_fork_safe_opencv"] == 0

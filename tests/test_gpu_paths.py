@@ -744,10 +744,12 @@ def test_compiled_training_step_equals_eager() -> None:
     assert_compiled_equals_eager(training_steps(True), training_steps(False))
 
 
-def _compiled_ddp_worker(rank: int, port: int, out: str) -> None:
+def _compiled_ddp_worker(rank: int, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from tests.conftest import rendezvous
+
+    dist.init_process_group("gloo", init_method=rendezvous(out), rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
         results = {"compiled": training_steps(True, ddp=True, rank=rank),
@@ -761,14 +763,9 @@ def _compiled_ddp_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_compiled_ddp_training_step_equals_eager_on_two_gloo_processes(tmp_path) -> None:
     """train.py's order: DDP (summing hook, static graph, several buckets) and then torch.compile."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_compiled_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_compiled_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in ranks:
         assert_compiled_equals_eager(result["compiled"], result["eager"])

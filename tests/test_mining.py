@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 
 from data.image_folder import ImageFolderFaces
 from mining import DifficultyScores, EasyHardSampler, PKSampler, top_negative_classes
+from tests.conftest import rendezvous
 
 
 def test_scores_ema_closed_form_and_state_dict():
@@ -29,14 +29,8 @@ def test_scores_ema_closed_form_and_state_dict():
         s.update(torch.tensor([5]), torch.tensor([0.1]))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _scores_worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _scores_worker(rank: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous(out), rank=rank, world_size=2)
     try:
         s = DifficultyScores(8, seed=0)
         idx = torch.tensor([[0, 2, 5], [2, 6, 7]])[rank]
@@ -49,7 +43,7 @@ def _scores_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_keep_identical_scores_equal_to_one_process(tmp_path):
-    mp.spawn(_scores_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_scores_worker, args=(str(tmp_path),), nprocs=2, join=True)
     single = DifficultyScores(8, seed=0)
     single.update(torch.tensor([0, 2, 5, 2, 6, 7]), torch.tensor([0.9, 0.1, -0.3, 0.5, 0.2, 0.7]))
     for rank in range(2):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from heads import build_head
 from heads.partial_fc import PartialFC, shard_range
 from losses import build_loss
+from tests.conftest import rendezvous
 
 E, C, B, WORLD = 8, 11, 6, 2  # 11 classes: uneven shards of 6 and 5
 
@@ -43,16 +43,8 @@ def reference(name: str, params: dict) -> dict[str, torch.Tensor]:
     return {"loss": loss.detach(), "x_grad": x.grad, "w_grad": head.weight.grad, "state": head.state_dict()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(
-    rank: int, port: int, out: str, name: str, params: dict, sample_rate: float, filtering: float
-) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _worker(rank: int, out: str, name: str, params: dict, sample_rate: float, filtering: float) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous(out), rank=rank, world_size=WORLD)
     try:
         weight, x, y = problem()
         pfc = PartialFC(name, E, C, sample_rate, interclass_filtering_threshold=filtering, **params)
@@ -86,7 +78,7 @@ def _worker(
 def run_two_ranks(
     tmp_path: Path, name: str, params: dict, sample_rate: float = 1.0, filtering: float = 0.0
 ) -> list[dict]:
-    args = (free_port(), str(tmp_path), name, params, sample_rate, filtering)
+    args = (str(tmp_path), name, params, sample_rate, filtering)
     mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
@@ -181,8 +173,8 @@ LOSSES_ON_CE = [
 ]
 
 
-def _loss_worker(rank: int, port: int, out: str, loss_name: str, loss_params: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _loss_worker(rank: int, out: str, loss_name: str, loss_params: dict) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous(out), rank=rank, world_size=WORLD)
     try:
         weight, x, y = problem()
         pfc = PartialFC("arcface", E, C, init_seed=5).double().train()
@@ -219,7 +211,7 @@ def test_losses_on_sharded_cross_entropy_equal_full_logits(tmp_path, loss_name, 
     ref_opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
     ref_opt.step()
 
-    mp.spawn(_loss_worker, args=(free_port(), str(tmp_path), loss_name, loss_params), nprocs=WORLD, join=True)
+    mp.spawn(_loss_worker, args=(str(tmp_path), loss_name, loss_params), nprocs=WORLD, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for rank, res in enumerate(results):
         torch.testing.assert_close(res["labels"], y)  # rank r's samples come r-th

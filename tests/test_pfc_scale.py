@@ -5,7 +5,6 @@ classes). Large gathered tensors live in pages of unlinked files of the run's fo
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,9 @@ import torch.multiprocessing as mp
 from core import spill
 from core.checkpoint import load_checkpoint, save_checkpoint
 from heads.partial_fc import PartialFC, shard_range
+from tests.conftest import rendezvous
 
 E, C, B, WORLD = 64, 3001, 8, 2  # 3001 classes over 2 ranks: shards of 1501 and 1500 rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +57,8 @@ def _traffic(log: list[tuple[str, int]]) -> dict[str, object]:
     return real
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _worker(rank: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=rendezvous(out), rank=rank, world_size=WORLD)
     try:
         pfc = PartialFC("arcface", E, C, sample_rate=0.5, init_seed=11).train()
         optimizer = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9)
@@ -102,7 +96,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow  # 2 gloo processes, 10-30 s on 2 busy cores; test_partial_fc checks the rank-0 gather too
 def test_checkpoint_gathered_on_rank0_alone_and_resumed_at_another_world_size(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     shard_bytes = [shard_range(C, r, WORLD)[1] * E * 4 for r in range(WORLD)]
 

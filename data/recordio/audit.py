@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from core.threads import fork_safe_opencv
 from data.image_folder import ImageFolderFaces
 from data.recordio.dataset import RecordIOFaceSet
 from data.recordio.format import RecordIOError, class_id
@@ -126,6 +127,7 @@ def _check_all_images(
         results: Iterator[tuple[list[tuple[int, str]], np.ndarray]] = map(_check_images, chunks)
         pool = None
     else:
+        fork_safe_opencv()
         pool = ProcessPoolExecutor(
             workers, multiprocessing.get_context(), initializer=_check_init, initargs=(source, image_size)
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ import train
 from core import distributed
 from core.checkpoint import load_checkpoint
 from tests.bad_inputs.conftest import ROOT, Outcome, assert_refused, call_main
+from tests.conftest import free_tcp_port
 
 CONFIG = str(ROOT / "configs" / "cpu_tiny.yaml")
 TIMEOUT_S = 5
@@ -82,12 +82,6 @@ def faces(shared_data, tmp_path_factory) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def settings(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", CONFIG, "--set", f"data.root={data}", f"output_dir={out}", "data.val_root=''",
             "data.batch_size=8", "data.num_workers=0", "model.input_size=32", "model.embedding_size=64",
@@ -107,7 +101,7 @@ def run_two_ranks(tmp_path: Path, argv: list[str], fault: dict[str, str], env: d
     script.write_text(FAULT)
     mark = tmp_path / "fault_time"
     common = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "FAULT_MARK": str(mark), **fault,
+              "MASTER_PORT": str(free_tcp_port()), "WORLD_SIZE": "2", "FAULT_MARK": str(mark), **fault,
               **(env or {})}  # fmt: skip
     procs = []
     for r in (0, 1):
@@ -277,7 +271,7 @@ def test_every_waiting_rank_names_the_stopped_one_and_only_it(tmp_path):
     script = tmp_path / "census.py"
     script.write_text(CENSUS)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "3"}  # fmt: skip
+           "MASTER_PORT": str(free_tcp_port()), "WORLD_SIZE": "3"}  # fmt: skip
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), "2"],
