@@ -42,15 +42,21 @@ def trials(count: int, wait_s: float, safe: bool) -> int:
             cv2.warpAffine(image[:200, :200], warp, (112, 112))
             cv2.resize(image, (500, 500))
             os._exit(0)
-        deadline = time.monotonic() + wait_s
-        while os.waitpid(pid, os.WNOHANG)[0] == 0:
-            if time.monotonic() > deadline:
-                hung += 1
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.005)
+        hung += exit_code_within(pid, wait_s) is None
     return hung
+
+
+def exit_code_within(pid: int, wait_s: float) -> int | None:
+    """The exit code of the child ``pid`` if it ends within ``wait_s`` seconds; else it is killed (hung)
+    and the answer is None."""
+    deadline = time.monotonic() + wait_s
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.005)
+    return os.waitstatus_to_exitcode(done[1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 
 import cv2
@@ -29,6 +28,8 @@ from evaluation import embedders
 from evaluation.embedders import OnnxEmbedder, TorchEmbedder
 from evaluation.extract import extract
 from evaluation.folding import fold_batchnorm, foldable_pairs
+from scripts import check_fork_opencv
+from scripts.check_fork_opencv import exit_code_within
 from tests.conftest import assert_close_scaled
 from tests.synthetic_faces import write_identity_folder
 
@@ -297,13 +298,7 @@ def test_a_process_forked_after_fork_safe_opencv_runs_opencv_without_the_pool():
     pid = os.fork()
     if pid == 0:  # ... and the fork hook stopped it again: the child runs OpenCV on its own thread
         os._exit(cv2.getNumThreads())
-    deadline = time.monotonic() + 60
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 1
+    assert exit_code_within(pid, 60) == 1
 
 
 def test_the_training_loader_stops_opencvs_pool_before_its_workers_fork(tmp_path):
@@ -385,8 +380,6 @@ def onnx_input(images: torch.Tensor) -> np.ndarray:
 
 
 def test_the_fork_check_prints_its_counts_and_no_hung_child_with_the_pool_stopped(capsys):
-    from scripts import check_fork_opencv
-
     assert check_fork_opencv.main(["--trials", "4"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["trials"] == 4 and 0 <= row["hung_pool_running"] <= 4
